@@ -1,0 +1,513 @@
+"""
+The U-Net of simple diffusion (Sec. 3, Fig. 7 left): convolutional levels, attention only at low resolution.
+
+The idea. The denoiser maps a noisy image z_t and its noise level logsnr to v_pred. A U-Net does it in
+levels: ResBlocks at full size, average-pool to half size, more ResBlocks, ... then back up, each level
+of the way up concatenating the features saved at the same size on the way down (skip connections).
+Simple diffusion's architectural findings are all about *where* the compute goes: (1) scale the 16x16
+level (more blocks, more channels) rather than the expensive high-resolution ones; (2) self-attention
+only at 16x16 and below, where the number of tokens is small; (3) dropout only on the low-resolution
+levels; (4) never run convolutions at full resolution: an invertible first layer (space-to-depth
+"patching", or the 5/3 wavelet transform) turns (C, H, W) into (4C, H/2, W/2) at no loss of information,
+so a 512x512 model costs about what a 256x256 one does. uvit.py reuses every block defined here.
+
+Levels of the "small" preset at res 32 (B batch, C channels, H W spatial, N tokens, D width):
+
+    z_t (B, 3, 32, 32) --patch 2x2--> (B, 12, 16, 16) --conv3x3--> (B, 48, 16, 16)
+    level 0  16x16,  48 ch: 2 ResBlocks -------------------- skips --> 2 ResBlocks (each concat a skip)
+                 avg-pool + 1x1 conv |                                 ^ 1x1 conv + nearest up
+    level 1    8x8,  96 ch: 2 ResBlocks+attention -------- skips --> 2 ResBlocks+attention
+                 avg-pool + 1x1 conv |                                 ^ 1x1 conv + nearest up
+    level 2    4x4, 128 ch: 1 ResBlock+attn -> middle: ResBlock+attn, ResBlock -> 1 ResBlock+attn
+    head: GroupNorm, SiLU, zero-initialised conv3x3 -> (B, 12, 16, 16) --un-patch--> v_pred (B, 3, 32, 32)
+
+Equations and conventions:
+    5/3 (LeGall, JPEG2000) wavelet by lifting, per axis ("avoiding high resolution feature maps"):
+        high[n] = x[2n+1] - (x[2n] + x[2n+2]) / 2        low[n] = x[2n] + (high[n-1] + high[n]) / 4
+        (mirror extension at the borders; the inverse runs the two steps backwards, so it is exact)
+    logsnr embedding: [sin(w_k logsnr), cos(w_k logsnr)], w_k geometric from pi/50 to 2 pi (see below)
+    adaptive group norm in every ResBlock:  h = GroupNorm(h) * (1 + scale) + shift,  (scale, shift) = W emb
+Symbols: z_t -> z_t, lambda_t / logSNR -> logsnr, v_hat -> v_pred, class label y -> class_labels.
+
+Choices the paper does not give (all hyper-parameters are ours, see PRESETS):
+- logsnr scaling: the slowest sinusoid has w = pi/50, so sin(w logsnr) is monotone on [-25, 25] (covers
+  the +-15 cosine range plus the schedule shifts up to 1024 px); the fastest has period 1 logsnr unit.
+- first layer: the paper's patching alternative is a learned stride-p conv (and a transposed conv out);
+  here it is parameter-free space-to-depth followed by a 3x3 conv (which can express the stride-p conv
+  and also sees the neighbouring patches), and its exact inverse after a 3x3 output conv. The 5/3 bands
+  keep the JPEG2000 lifting scale (LL has gain 1), no renormalisation; the conv after it adapts.
+- one skip per ResBlock on the way down, one concatenated per ResBlock on the way up (same count);
+  channels change only in the 1x1 convs that go with average pooling / nearest up-sampling.
+- the class embedding (num_classes + 1 rows; the last is the "null" label of classifier-free guidance)
+  is added to the logsnr embedding; SiLU of the sum feeds every ResBlock's scale/shift.
+- zero-initialised output convs: every ResBlock and attention block starts as the identity (on its
+  residual path) and the whole network outputs exactly v_pred = 0 at initialisation.
+- `residual_skips=True` switches to SiD2's residual U-Net: one skip per level, h = up(h - d) + h_l.
+- GFLOPs count a multiply-add as 2 FLOPs (torch.utils.flop_counter), forward pass, per image.
+
+Run `python unet.py` for the preset table, `pytest tests/test_unet.py` for the tests.
+"""
+import argparse
+import math
+from dataclasses import asdict, dataclass, fields, replace
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+LOGSNR_RANGE = 25.0  # |logsnr| up to which the slowest sinusoid stays monotone
+
+
+# ----------------------------------------------------------------------------------------------------
+# Invertible first layers: space-to-depth and the 5/3 wavelet. Pure functions, exact inverses.
+
+def space_to_depth(x: torch.Tensor, p: int) -> torch.Tensor:
+    """Each p x p patch becomes p^2 channels: out[:, c p^2 + i p + j, y, x] = in[:, c, y p + i, x p + j]."""
+    return F.pixel_unshuffle(x, p)  # (B, C p^2, H/p, W/p)
+
+
+def depth_to_space(x: torch.Tensor, p: int) -> torch.Tensor:
+    """Exact inverse of space_to_depth (a permutation of entries)."""
+    return F.pixel_shuffle(x, p)  # (B, C, H p, W p)
+
+
+def _mirror_next(a: torch.Tensor) -> torch.Tensor:
+    """a[n + 1] along the last axis, with the last entry repeated (whole-sample mirror at the end)."""
+    return torch.cat([a[..., 1:], a[..., -1:]], dim=-1)
+
+
+def _mirror_prev(a: torch.Tensor) -> torch.Tensor:
+    """a[n - 1] along the last axis, with the first entry repeated (whole-sample mirror at the start)."""
+    return torch.cat([a[..., :1], a[..., :-1]], dim=-1)
+
+
+def lift53(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One 5/3 wavelet step along the last axis (even length): (low, high), each half as long.
+    Mirror extension x[-1] = x[1], x[2N] = x[2N-2] is what makes high[-1] = high[0] at the start."""
+    even, odd = x[..., 0::2], x[..., 1::2]
+    high = odd - 0.5 * (even + _mirror_next(even))          # predict: odd samples from their neighbours
+    low = even + 0.25 * (_mirror_prev(high) + high)         # update: keeps the running mean of x
+    return low, high
+
+
+def unlift53(low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
+    """Inverse of lift53: undo the update, then the prediction, then interleave."""
+    even = low - 0.25 * (_mirror_prev(high) + high)
+    odd = high + 0.5 * (even + _mirror_next(even))
+    return torch.stack([even, odd], dim=-1).flatten(-2)      # (..., 2N)
+
+
+def wavelet53(x: torch.Tensor) -> torch.Tensor:
+    """2D 5/3 wavelet, one level: (B, C, H, W) -> (B, 4C, H/2, W/2), bands (LL, LH, HL, HH) of each
+    input channel next to each other (the layout of space_to_depth with p = 2)."""
+    low, high = lift53(x)                                    # along W: 2 x (B, C, H, W/2)
+    ll, lh = lift53(low.transpose(-1, -2))                   # along H: 2 x (B, C, W/2, H/2)
+    hl, hh = lift53(high.transpose(-1, -2))
+    bands = torch.stack([ll, lh, hl, hh], dim=2)             # (B, C, 4, W/2, H/2)
+    return bands.transpose(-1, -2).flatten(1, 2)             # (B, 4C, H/2, W/2)
+
+
+def inverse_wavelet53(y: torch.Tensor) -> torch.Tensor:
+    """Exact inverse of wavelet53: (B, 4C, H/2, W/2) -> (B, C, H, W)."""
+    ll, lh, hl, hh = y.unflatten(1, (-1, 4)).transpose(-1, -2).unbind(2)   # 4 x (B, C, W/2, H/2)
+    low = unlift53(ll, lh).transpose(-1, -2)                 # (B, C, H, W/2)
+    high = unlift53(hl, hh).transpose(-1, -2)
+    return unlift53(low, high)                               # (B, C, H, W)
+
+
+class Stem(nn.Module):
+    """The parameter-free first layer and its inverse at the output: "patch" (space-to-depth by
+    `factor`), "wavelet" (log2(factor) levels of the 5/3 transform, each applied to all bands), or
+    "none" (factor 1). Bands/patches go onto channels: C -> C * factor^2."""
+
+    def __init__(self, kind: str, factor: int):
+        super().__init__()
+        self.kind, self.factor = kind, factor
+        self.levels = int(math.log2(factor)) if kind == "wavelet" else 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "patch" and self.factor > 1:
+            return space_to_depth(x, self.factor)            # (B, C f^2, H/f, W/f)
+        for _ in range(self.levels):
+            x = wavelet53(x)                                 # (B, 4C, H/2, W/2) per level
+        return x
+
+    def inverse(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "patch" and self.factor > 1:
+            return depth_to_space(x, self.factor)            # (B, C, H, W)
+        for _ in range(self.levels):
+            x = inverse_wavelet53(x)
+        return x
+
+
+# ----------------------------------------------------------------------------------------------------
+# Conditioning: logsnr (and class) -> one embedding vector per example.
+
+def logsnr_features(logsnr: torch.Tensor, num_freqs: int) -> torch.Tensor:
+    """Sinusoidal features of logsnr with frequencies geometric from pi / (2 LOGSNR_RANGE) (half a
+    period spans [-25, 25]: no two logsnr values in range share features) to 2 pi (period 1, fine
+    enough to tell sampling steps apart). (B,) -> (B, 2 num_freqs)."""
+    w = torch.exp(torch.linspace(math.log(math.pi / (2 * LOGSNR_RANGE)), math.log(2 * math.pi), num_freqs,
+                                 device=logsnr.device))
+    angles = logsnr.float()[:, None] * w                     # (B, num_freqs)
+    return torch.cat([angles.sin(), angles.cos()], dim=1)    # (B, 2 num_freqs)
+
+
+class Conditioning(nn.Module):
+    """emb = MLP(features(logsnr)) + class_embedding[label]; returns SiLU(emb), which every block's
+    scale/shift projection consumes (computing the SiLU once instead of per block)."""
+
+    def __init__(self, emb_dim: int, num_classes: int, num_freqs: int = 64):
+        super().__init__()
+        self.num_freqs, self.num_classes = num_freqs, num_classes
+        self.mlp = nn.Sequential(nn.Linear(2 * num_freqs, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        # One extra row: label num_classes is the "null" class of classifier-free guidance.
+        self.class_emb = nn.Embedding(num_classes + 1, emb_dim) if num_classes > 0 else None
+
+    def forward(self, logsnr: torch.Tensor, class_labels: torch.Tensor | None) -> torch.Tensor:
+        emb = self.mlp(logsnr_features(logsnr, self.num_freqs))  # (B, E)
+        if self.class_emb is not None:
+            if class_labels is None:                             # None means "unconditional" = null
+                class_labels = torch.full_like(logsnr, self.num_classes, dtype=torch.long)
+            emb = emb + self.class_emb(class_labels)
+        return F.silu(emb)
+
+
+def check_inputs(model: nn.Module, z_t: torch.Tensor, logsnr: torch.Tensor,
+                 class_labels: torch.Tensor | None) -> torch.Tensor:
+    """Shape and label checks shared by UNet and UViT; returns logsnr as (B,). Skipped while
+    torch.compile traces (the label range check would sync the device and break the graph)."""
+    cfg = model.config
+    if torch.compiler.is_compiling():
+        return logsnr.expand(z_t.shape[0]) if logsnr.dim() == 0 else logsnr
+    name = type(model).__name__
+    if z_t.dim() != 4 or z_t.shape[1] != cfg.in_channels or tuple(z_t.shape[2:]) != (cfg.res, cfg.res):
+        raise ValueError(f"{name}: z_t has shape {tuple(z_t.shape)}, expected (B, {cfg.in_channels}, {cfg.res}, "
+                         f"{cfg.res}); build the model with in_channels/res matching the data")
+    if logsnr.dim() == 0:
+        logsnr = logsnr.expand(z_t.shape[0])
+    if logsnr.shape != (z_t.shape[0],):
+        raise ValueError(f"{name}: logsnr has shape {tuple(logsnr.shape)}, expected ({z_t.shape[0]},), one per image")
+    if class_labels is not None and class_labels.device.type != "meta":   # meta: FLOP counting
+        if class_labels.shape != (z_t.shape[0],) or class_labels.dtype != torch.long:
+            raise ValueError(f"{name}: class_labels must be a (B,) long tensor, got {tuple(class_labels.shape)} "
+                             f"{class_labels.dtype}")
+        lo, hi = torch.stack(torch.aminmax(class_labels)).tolist()    # one host sync, not two
+        if lo < 0 or hi > cfg.num_classes:
+            valid = (f"0..{cfg.num_classes - 1}, or {cfg.num_classes} for the null label" if cfg.num_classes
+                     else "None (the model is unconditional, num_classes=0)")
+            raise ValueError(f"{name}: class label {lo if lo < 0 else hi} out of range; valid labels: {valid}")
+    return logsnr
+
+
+# ----------------------------------------------------------------------------------------------------
+# Blocks.
+
+def norm(channels: int, groups: int) -> nn.GroupNorm:
+    """GroupNorm with the largest group count <= `groups` that divides the channels."""
+    return nn.GroupNorm(math.gcd(channels, groups), channels)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention over the H W positions of a channels-first map, pre-norm, residual.
+    q, k, v come from one 1x1 conv as (B, 3, heads, head_dim, N); one copy makes head_dim the contiguous
+    axis, which scaled_dot_product_attention's fused kernels need (flash on GPU and CPU; with a strided
+    last axis the CPU falls back to the slower unfused math path)."""
+
+    def __init__(self, channels: int, head_dim: int, groups: int):
+        super().__init__()
+        if channels % head_dim:
+            raise ValueError(f"attention: {channels} channels are not a multiple of head_dim={head_dim}")
+        self.heads = channels // head_dim
+        self.norm = norm(channels, groups)
+        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
+        self.proj = nn.Conv2d(channels, channels, 1)
+        nn.init.zeros_(self.proj.weight), nn.init.zeros_(self.proj.bias)   # starts as the identity
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, C, H, W = x.shape
+        qkv = self.qkv(self.norm(x)).reshape(B, 3, self.heads, C // self.heads, H * W)  # (B, 3, heads, hd, N)
+        q, k, v = qkv.transpose(-1, -2).contiguous().unbind(1)           # 3 x (B, heads, N, hd)
+        h = F.scaled_dot_product_attention(q, k, v)                      # (B, heads, N, hd)
+        return x + self.proj(h.transpose(-1, -2).reshape(B, C, H, W))   # (B, C, H, W)
+
+
+class ResBlock(nn.Module):
+    """GroupNorm-SiLU-conv3x3, adaptive GroupNorm (scale/shift from the embedding)-SiLU-dropout-conv3x3,
+    plus the (1x1-projected if needed) input; optionally followed by self-attention. The second conv is
+    zero-initialised, so the block starts as its skip path."""
+
+    def __init__(self, c_in: int, c_out: int, emb_dim: int, dropout: float = 0.0, attn: bool = False,
+                 head_dim: int = 64, groups: int = 32):
+        super().__init__()
+        self.norm1, self.conv1 = norm(c_in, groups), nn.Conv2d(c_in, c_out, 3, padding=1)
+        self.emb = nn.Linear(emb_dim, 2 * c_out)
+        self.norm2, self.conv2 = norm(c_out, groups), nn.Conv2d(c_out, c_out, 3, padding=1)
+        # nn.Dropout only where it acts: the tests find dropout by looking for these modules.
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
+        self.attn = Attention(c_out, head_dim, groups) if attn else nn.Identity()
+        nn.init.zeros_(self.conv2.weight), nn.init.zeros_(self.conv2.bias)
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))                              # (B, C_out, H, W)
+        scale, shift = self.emb(emb)[:, :, None, None].chunk(2, dim=1)     # 2 x (B, C_out, 1, 1)
+        h = F.silu(torch.addcmul(shift, self.norm2(h), 1 + scale))        # adaptive group norm
+        h = self.conv2(self.dropout(h))
+        return self.attn(self.skip(x) + h)
+
+
+def run_block(block: nn.Module, h: torch.Tensor, emb: torch.Tensor, grad_checkpointing: bool) -> torch.Tensor:
+    """block(h, emb), recomputed in the backward pass instead of storing its activations if asked."""
+    if grad_checkpointing and torch.is_grad_enabled():
+        return checkpoint(block, h, emb, use_reentrant=False)
+    return block(h, emb)
+
+
+class Level(nn.Module):
+    """One resolution of the U: ResBlocks on the way down (`encode`), ResBlocks on the way up (`decode`),
+    and, unless it is the lowest level, the change of size to the level below: average pooling then a
+    1x1 conv to its channels (pooling first: 4x fewer positions for the conv), and back with a 1x1 conv
+    then nearest up-sampling. Two kinds of skip connection:
+    - U-Net (Fig. 7): every down block's output is saved and concatenated to one up block's input.
+    - residual (SiD2, `residual=True`): one skip per level; h_l = blocks(h), d = down(h_l);
+      on the way up h = up(h - d) + h_l, so the levels below only have to add a correction."""
+
+    def __init__(self, channels: int, next_channels: int | None, num_blocks: int, emb_dim: int,
+                 dropout: float, attn: bool, head_dim: int, groups: int, residual: bool):
+        super().__init__()
+        self.residual = residual
+        block = dict(emb_dim=emb_dim, dropout=dropout, attn=attn, head_dim=head_dim, groups=groups)
+        up_in = channels if residual else 2 * channels
+        self.down_blocks = nn.ModuleList(ResBlock(channels, channels, **block) for _ in range(num_blocks))
+        self.up_blocks = nn.ModuleList(ResBlock(up_in, channels, **block) for _ in range(num_blocks))
+        self.down = self.up = None
+        if next_channels is not None:
+            self.down = nn.Conv2d(channels, next_channels, 1, bias=False)
+            self.up = nn.Conv2d(next_channels, channels, 1, bias=False)   # no bias: up(0) = 0 (residual)
+        self.grad_checkpointing = False
+
+    def encode(self, h: torch.Tensor, emb: torch.Tensor, saved: list) -> torch.Tensor:
+        for block in self.down_blocks:
+            h = run_block(block, h, emb, self.grad_checkpointing)          # (B, C, H, W)
+            if not self.residual:
+                saved.append(h)
+        if self.down is None:
+            return h
+        d = self.down(F.avg_pool2d(h, 2))                                  # (B, C_next, H/2, W/2)
+        if self.residual:
+            saved.append((h, d))
+        return d
+
+    def decode(self, h: torch.Tensor, emb: torch.Tensor, saved: list) -> torch.Tensor:
+        if self.up is not None:
+            if self.residual:
+                h_l, d = saved.pop()
+                h = h - d                                                  # what the levels below added
+            h = F.interpolate(self.up(h), scale_factor=2.0, mode="nearest")  # (B, C, 2H, 2W)
+            if self.residual:
+                h = h + h_l
+        for block in self.up_blocks:
+            if not self.residual:
+                h = torch.cat([h, saved.pop()], dim=1)                     # (B, 2C, H, W)
+            h = run_block(block, h, emb, self.grad_checkpointing)          # (B, C, H, W)
+        return h
+
+
+# ----------------------------------------------------------------------------------------------------
+# Configuration, validation, the model.
+
+@dataclass
+class UNetConfig:
+    res: int = 32                          # image size (square)
+    in_channels: int = 3
+    num_classes: int = 0                   # 0 = unconditional; else labels 0..n-1 plus null label n
+    stem: str = "patch"                    # first layer: "patch" (space-to-depth) | "wavelet" (5/3) | "none"
+    stem_factor: int = 2                   # its down-sampling (1, 2, 4, ...; a power of two for "wavelet")
+    channels: tuple = (48, 96, 128)        # per level, highest resolution first
+    num_blocks: tuple = (2, 2, 1)          # ResBlocks per level on the way down (as many on the way up)
+    attn_resolutions: tuple = (8, 4)       # feature-map sizes with attention (the middle always has it)
+    head_dim: int = 32                     # attention heads = channels / head_dim
+    emb_dim: int = 128                     # width of the logsnr/class embedding
+    dropout: float = 0.0
+    dropout_resolutions: tuple = (16, 8)   # feature-map sizes whose ResBlocks use dropout
+    norm_groups: int = 32
+    residual_skips: bool = False           # SiD2's one-skip-per-level residual U-Net
+    grad_checkpointing: bool = False
+
+    def __post_init__(self):
+        lists_to_tuples(self)
+
+
+def lists_to_tuples(cfg) -> None:
+    """A config rebuilt from JSON or a CLI may carry lists; store tuples so configs compare equal."""
+    for f in fields(cfg):
+        if isinstance(getattr(cfg, f.name), list):
+            setattr(cfg, f.name, tuple(getattr(cfg, f.name)))
+
+
+def conv_level_resolutions(cfg) -> list[int]:
+    """Feature-map size of each conv level: res / stem_factor, halved per level."""
+    return [cfg.res // (cfg.stem_factor * 2 ** i) for i in range(len(cfg.channels))]
+
+
+def check_resolution(cfg, factor: int, what: str, minimum: int = 1) -> None:
+    """Raise a one-line ValueError if res is not a (positive) multiple of the total down-sampling."""
+    if cfg.res % factor or cfg.res < factor * minimum:
+        nearest = max(minimum, round(cfg.res / factor)) * factor
+        raise ValueError(f"{type(cfg).__name__}: res={cfg.res} is not a multiple of the model's total "
+                         f"down-sampling factor {factor} ({what}); nearest valid res: {nearest} "
+                         f"(change --res, or stem_factor/channels)")
+
+
+def check_common(cfg) -> None:
+    """Checks shared by UNetConfig and UViTConfig (everything except the resolution arithmetic)."""
+    name = type(cfg).__name__
+    if cfg.stem not in ("patch", "wavelet", "none"):
+        raise ValueError(f"{name}: stem={cfg.stem!r}; choose 'patch', 'wavelet' or 'none'")
+    f = cfg.stem_factor
+    if f < 1 or (cfg.stem == "wavelet" and f & (f - 1)) or (cfg.stem == "none" and f != 1):
+        raise ValueError(f"{name}: stem_factor={f} does not fit stem={cfg.stem!r} (wavelet: a power of two; "
+                         f"none: 1)")
+    if len(cfg.channels) != len(cfg.num_blocks) or not cfg.channels:
+        raise ValueError(f"{name}: channels {cfg.channels} and num_blocks {cfg.num_blocks} need one entry per level")
+    if cfg.in_channels < 1 or cfg.num_classes < 0:
+        raise ValueError(f"{name}: in_channels must be >= 1 and num_classes >= 0")
+    if not 0.0 <= cfg.dropout < 1.0:
+        raise ValueError(f"{name}: dropout={cfg.dropout} must be in [0, 1)")
+
+
+def validate_unet(cfg: UNetConfig) -> None:
+    check_common(cfg)
+    levels = len(cfg.channels)
+    check_resolution(cfg, cfg.stem_factor * 2 ** (levels - 1),
+                     f"stem x{cfg.stem_factor}, then {levels - 1} halvings over {levels} levels")
+    resolutions = conv_level_resolutions(cfg)
+    for c, r in zip(cfg.channels, resolutions):
+        if (r in cfg.attn_resolutions or r == resolutions[-1]) and c % cfg.head_dim:
+            raise ValueError(f"UNetConfig: level {r}x{r} has attention but {c} channels are not a multiple "
+                             f"of head_dim={cfg.head_dim}")
+
+
+class UNet(nn.Module):
+    """forward(z_t (B, C, H, W), logsnr (B,), class_labels (B,) long or None) -> v_pred (B, C, H, W)."""
+
+    def __init__(self, cfg: UNetConfig):
+        super().__init__()
+        validate_unet(cfg)
+        self.config, self.num_classes = cfg, cfg.num_classes
+        resolutions = conv_level_resolutions(cfg)
+        ch, g = cfg.channels, cfg.norm_groups
+        stem_channels = cfg.in_channels * cfg.stem_factor ** 2
+        self.stem = Stem(cfg.stem, cfg.stem_factor)
+        self.cond = Conditioning(cfg.emb_dim, cfg.num_classes)
+        self.conv_in = nn.Conv2d(stem_channels, ch[0], 3, padding=1)
+        self.levels = nn.ModuleList(
+            Level(ch[i], ch[i + 1] if i + 1 < len(ch) else None, cfg.num_blocks[i], cfg.emb_dim,
+                  cfg.dropout if r in cfg.dropout_resolutions else 0.0, r in cfg.attn_resolutions,
+                  cfg.head_dim, g, cfg.residual_skips)
+            for i, r in enumerate(resolutions))
+        # The middle block at the lowest level: ResBlock + attention, ResBlock.
+        mid_dropout = cfg.dropout if resolutions[-1] in cfg.dropout_resolutions else 0.0
+        self.middle = nn.ModuleList([ResBlock(ch[-1], ch[-1], cfg.emb_dim, mid_dropout, True, cfg.head_dim, g),
+                                     ResBlock(ch[-1], ch[-1], cfg.emb_dim, mid_dropout, False, cfg.head_dim, g)])
+        self.head = nn.Sequential(norm(ch[0], g), nn.SiLU(), nn.Conv2d(ch[0], stem_channels, 3, padding=1))
+        nn.init.zeros_(self.head[-1].weight), nn.init.zeros_(self.head[-1].bias)  # v_pred = 0 at init
+        self.set_grad_checkpointing(cfg.grad_checkpointing)
+
+    def set_grad_checkpointing(self, enabled: bool = True) -> None:
+        self.grad_checkpointing = enabled
+        for level in self.levels:
+            level.grad_checkpointing = enabled
+
+    def forward(self, z_t: torch.Tensor, logsnr: torch.Tensor, class_labels: torch.Tensor | None = None):
+        logsnr = check_inputs(self, z_t, logsnr, class_labels)
+        emb = self.cond(logsnr, class_labels)                    # (B, E)
+        h = self.conv_in(self.stem(z_t))                         # (B, C0, res/f, res/f)
+        saved = []
+        for level in self.levels:
+            h = level.encode(h, emb, saved)                      # down to (B, C_last, r_last, r_last)
+        for block in self.middle:
+            h = run_block(block, h, emb, self.grad_checkpointing)
+        for level in reversed(self.levels):
+            h = level.decode(h, emb, saved)                      # back up to (B, C0, res/f, res/f)
+        return self.stem.inverse(self.head(h))                  # (B, C, res, res)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Presets. Hyper-parameters are our choice (the paper gives none we could read; see the docstring).
+# "tiny": tests. "small": the CPU demo default (about 2M parameters, convs never at full resolution).
+# Paper-scale 128/256/512 share the conv levels 128..8 px (16x16 scaled up); only the stem differs,
+# which is the paper's point: the wavelet stem makes 512 cost about what 128 costs.
+
+PRESETS: dict[str, UNetConfig] = {
+    "tiny": UNetConfig(res=32, stem="patch", stem_factor=2, channels=(16, 32), num_blocks=(1, 1),
+                       attn_resolutions=(8,), head_dim=16, emb_dim=32, norm_groups=8),
+    "small": UNetConfig(res=32, stem="patch", stem_factor=2, channels=(48, 96, 128), num_blocks=(2, 2, 1),
+                        attn_resolutions=(8, 4), head_dim=32, emb_dim=128),
+    "64": UNetConfig(res=64, stem="none", stem_factor=1, channels=(128, 256, 768, 768), num_blocks=(2, 2, 8, 2),
+                     attn_resolutions=(16, 8), head_dim=64, emb_dim=1024, dropout=0.1,
+                     dropout_resolutions=(16, 8), num_classes=1000),
+    "128": UNetConfig(res=128, stem="none", stem_factor=1, channels=(128, 256, 512, 1024, 1024),
+                      num_blocks=(2, 2, 2, 8, 2), attn_resolutions=(16, 8), head_dim=128, emb_dim=1024,
+                      dropout=0.1, dropout_resolutions=(16, 8), num_classes=1000),
+}
+PRESETS["256"] = replace(PRESETS["128"], res=256, stem="wavelet", stem_factor=2)
+PRESETS["512"] = replace(PRESETS["128"], res=512, stem="wavelet", stem_factor=4)
+
+
+def make_preset_config(presets: dict, name: str, overrides: dict):
+    """presets[name] with fields replaced; unknown names/fields give a one-line ValueError."""
+    if name not in presets:
+        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(presets)}")
+    cfg = presets[name]
+    known = {f.name for f in fields(cfg)}
+    bad = sorted(set(overrides) - known)
+    if bad:
+        raise ValueError(f"unknown {type(cfg).__name__} field(s) {', '.join(bad)}; valid: {', '.join(sorted(known))}")
+    return replace(cfg, **overrides)
+
+
+def preset_config(name: str, **overrides) -> UNetConfig:
+    """A named preset with fields overridden, e.g. preset_config("small", res=64, num_classes=10)."""
+    return make_preset_config(PRESETS, name, overrides)
+
+
+def model_stats(model_cls, cfg) -> tuple[int, float]:
+    """(parameters, forward FLOPs per image), counted on the meta device: no memory, no compute."""
+    from torch.utils.flop_counter import FlopCounterMode
+    with torch.device("meta"):
+        model = model_cls(cfg)
+        z_t = torch.zeros(1, cfg.in_channels, cfg.res, cfg.res)
+        logsnr = torch.zeros(1)
+    params = sum(p.numel() for p in model.parameters())
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(z_t, logsnr)
+    return params, counter.get_total_flops()
+
+
+def print_preset_table(model_cls, presets: dict) -> None:
+    print(f"| preset | res | stem | params | fwd GFLOPs/img |\n| --- | --- | --- | --- | --- |")
+    for name, cfg in presets.items():
+        params, flops = model_stats(model_cls, cfg)
+        print(f"| {name} | {cfg.res} | {cfg.stem} x{cfg.stem_factor} | {params / 1e6:,.1f}M | {flops / 1e9:,.2f} |")
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description="Print the U-Net presets (parameters, forward GFLOPs per image); "
+                                            "with --preset, print that configuration after the overrides.")
+    p.add_argument("--preset", choices=list(PRESETS), default=None)
+    p.add_argument("--res", type=int, default=None, help="override the preset's resolution")
+    args = p.parse_args()
+    if args.preset is None:
+        print_preset_table(UNet, PRESETS)
+    else:
+        try:
+            cfg = preset_config(args.preset, **({} if args.res is None else {"res": args.res}))
+            params, flops = model_stats(UNet, cfg)
+            print(asdict(cfg))
+            print(f"levels at {conv_level_resolutions(cfg)} px; {params / 1e6:.2f}M parameters; "
+                  f"{flops / 1e9:.3f} forward GFLOPs per image")
+        except ValueError as e:
+            p.exit(2, f"error: {e}\n")
