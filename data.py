@@ -1,45 +1,523 @@
 """
-Data: image folders and the built-in procedural dataset.  (Module docstring to be completed by the
-data issue; this first version holds the two loader functions that fid.py shares.)
+Data: image folders, the built-in procedural scenes, and the checks that run before training.
+
+The idea. The model only ever sees x in [-1, 1] of shape (3, res, res); this file turns whatever the
+user has into exactly that, the same way every time. A folder of photos: decode, EXIF rotation, 8-bit
+RGB, shorter side to res, centre square (the ADM/DiT recipe). No data: `Scenes`, gradient backgrounds
+with 1-3 discs, squares or triangles. A scene is *vector-defined* -- a few numbers (colours, centres,
+sizes, angles) drawn from (seed, index), rasterised at whatever res is asked -- so scene 7 at 32x32 and
+at 128x128 is one picture at two sampling rates. That is the paper's central point made testable: more
+pixels add correlated neighbours, not content, which is why simple diffusion shifts the noise schedule
+by 2 log(64 / d) (Sec. 3.1, Eq. 5) instead of reusing the 64x64 one as plain DDPM would.
+
+Equations:
+    x = u8 / 127.5 - 1                          uint8 pixel -> model range, 0 -> -1 and 255 -> +1
+    ADM resize: box-halve while min(W, H) >= 2 res; bicubic to min(W, H) = res; centre crop
+    background   bg(p) = c0 + s(p) (c1 - c0),  s(p) = 1/2 + <p - 1/2, u> / (|u_x| + |u_y|)
+    coverage     a(p) = clip(1/2 - sd(p) res, 0, 1)   (sd: signed distance, image width = 1)
+                 disc: sd = |p - c| - r;   regular m-gon: sd = max_k <p - c, n_k> - apothem
+    painter      img <- img + a (colour - img), largest shape first
+The ramp approximates the area a pixel box covers, so a 128x128 render average-pooled by 4 matches the
+32x32 render up to corner effects and rounding (tests/test_data.py checks it).
+
+Symbols: d (image width) -> res;  x (clean image) -> x;  class y -> label.  Legend: B batch, C channels,
+H W spatial, S shape slots, K colour candidates.
+
+Choices (the paper trains on ImageNet only):
+- Transparency composited on white; palette, grayscale, CMYK (Pillow's formula, no ICC profile) and
+  16-bit become 8-bit RGB; 16-bit grayscale keeps its high byte, as Pillow does for 16-bit RGB PNGs.
+  Hidden files and folders (".x", macOS "._x.jpg") are skipped; symlinked folders are followed.
+- No random flip inside an item: `hflip` flips a batch from a torch.Generator that train.py
+  checkpoints, so a resumed run replays bit-identical batches.
+- Scene randomness is a counter-based hash (splitmix64 of seed, index, draw), not a stateful RNG: any
+  index renders alone, in any chunk or DataLoader worker, identically. One shape kind per scene (the
+  label); each shape colour is >= 0.45 (RGB distance) from every background colour of its scene.
+- The pre-training check decodes JPEGs at reduced scale (Pillow's draft): all data is still parsed, so
+  truncation is caught, at a fraction of the cost.
+
+Run `python data.py --res 64 --out scenes.png` to look at scenes (`--data DIR` checks a folder);
+`pytest tests/test_data.py` for the tests.
 """
+import argparse
+import math
+import os
+import time
+import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
+import torch
 from PIL import Image, ImageOps
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 BACKGROUND = (255, 255, 255)  # transparent pixels are composited on white, deterministically
+ELONGATED = 2.0               # long / short side above this: the centre crop drops over half the image
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # "I" is how older Pillow opened 16-bit PNGs
 
 
 class DataError(ValueError):
     """A problem with the user's data, reported as one readable line."""
 
 
+class DataWarning(UserWarning):
+    """Data that was used, but perhaps not as the user expects (skipped, upscaled, heavily cropped)."""
+
+
+# ----------------------------------------------------------------------------------------------------
+# Files -> RGB images
+# ----------------------------------------------------------------------------------------------------
+
+def _extensions() -> str:
+    return ", ".join(IMAGE_EXTENSIONS) + " (any case, searched recursively)"
+
+
 def find_images(root) -> list[Path]:
-    """All images below root (recursive, extensions in any case), sorted for a deterministic order."""
+    """All images below root (recursive, extensions in any case, hidden entries skipped, symlinked
+    folders followed), sorted so that every rank and every run sees the same order."""
     root = Path(root)
+    if not root.exists():
+        raise DataError(f"{root}: no such folder (expected a folder of {_extensions()})")
     if not root.is_dir():
-        raise DataError(f"{root}: not a folder (expected a folder of images)")
-    paths = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+        raise DataError(f"{root}: is a file, not a folder (expected a folder of {_extensions()})")
+    paths, seen = [], set()
+    for folder, dirs, files in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:  # a symlink loop: do not walk the same folder twice
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        paths += [Path(folder, f) for f in files
+                  if not f.startswith(".") and os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS]
     if not paths:
-        raise DataError(f"{root}: no images found (searched recursively for {', '.join(IMAGE_EXTENSIONS)}, any case)")
-    return paths
+        raise DataError(f"{root}: no images found; searched for {_extensions()}")
+    return sorted(paths, key=lambda p: p.relative_to(root).as_posix())
+
+
+def _open(path, draft_size=None) -> Image.Image:
+    """Decode a file (optionally at reduced JPEG scale) and apply its EXIF orientation."""
+    try:
+        with Image.open(path) as im:
+            if draft_size is not None:
+                im.draft(im.mode, draft_size)  # JPEG only: decode at 1/2, 1/4 or 1/8 scale
+            im.load()  # raises on truncated data (we never set ImageFile.LOAD_TRUNCATED_IMAGES)
+            return ImageOps.exif_transpose(im)
+    except Exception as e:  # PIL raises many types for truncated or non-image files
+        raise DataError(_unreadable(path, e)) from e
+
+
+def _unreadable(path, e: Exception) -> str:
+    return (f"{path}: cannot read image ({type(e).__name__}: {e}); "
+            f"replace or delete it, or skip bad files (--skip-bad)")
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    """Any Pillow mode -> 8-bit RGB, with a fixed rule per mode (no data-dependent scaling)."""
+    if im.mode in SIXTEEN_BIT_MODES:  # 16-bit grayscale: keep the high byte, as Pillow does for RGB
+        a = np.asarray(im).astype(np.int64)
+        im = Image.fromarray((np.clip(a, 0, 65535) >> 8).astype(np.uint8))  # 2-D uint8 -> mode L
+    if im.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in im.info:
+        im = im.convert("RGBA")  # palette / L / RGB with a transparent colour key become real alpha
+        canvas = Image.new("RGBA", im.size, BACKGROUND + (255,))
+        im = Image.alpha_composite(canvas, im)
+    return im.convert("RGB")  # L, 1, P, CMYK, YCbCr -> RGB with Pillow's fixed formulas
 
 
 def load_rgb(path) -> Image.Image:
     """Open an image as 8-bit RGB whatever its mode: EXIF rotation applied, alpha composited on
     BACKGROUND, palette / grayscale / CMYK / 16-bit converted. Raises DataError naming a bad file."""
+    im = _open(path)
+    try:
+        return _to_rgb(im)
+    except Exception as e:
+        raise DataError(f"{path}: cannot convert mode {im.mode} to RGB ({e}); re-save it as RGB") from e
+
+
+def center_crop_resize(img: Image.Image, res: int) -> Image.Image:
+    """The ADM/DiT recipe: halve with a box filter while the shorter side is >= 2 res (cheap, no
+    aliasing), bicubic so the shorter side is exactly res, then cut the centre res x res square.
+    Images smaller than res are upscaled by the same bicubic step."""
+    while min(img.size) >= 2 * res:
+        img = img.resize(tuple(s // 2 for s in img.size), resample=Image.BOX)
+    scale = res / min(img.size)
+    img = img.resize(tuple(max(res, round(s * scale)) for s in img.size), resample=Image.BICUBIC)
+    left, top = (img.width - res) // 2, (img.height - res) // 2
+    return img.crop((left, top, left + res, top + res))
+
+
+def u8_to_x(u8: np.ndarray) -> torch.Tensor:
+    """uint8 (3, H, W) -> float32 tensor in [-1, 1]: x = u8 / 127.5 - 1, so 0 -> -1 and 255 -> 1 exactly.
+    In numpy on purpose: one item is too small for torch's thread pool, which only adds contention."""
+    return torch.from_numpy(u8.astype(np.float32) / np.float32(127.5) - np.float32(1.0))
+
+
+def to_tensor(img: Image.Image) -> torch.Tensor:
+    """PIL RGB image -> float32 (3, H, W) in [-1, 1]."""
+    return u8_to_x(np.ascontiguousarray(np.asarray(img, dtype=np.uint8).transpose(2, 0, 1)))  # (3, H, W)
+
+
+def hflip(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Mirror each example of a (B, C, H, W) batch left-right with probability 1/2. The coin flips are
+    torch.rand(B, generator=generator) < 0.5, so a checkpointed generator replays them exactly."""
+    flip = torch.rand(x.shape[0], generator=generator, device=generator.device) < 0.5  # (B,)
+    return torch.where(flip.to(x.device)[:, None, None, None], x.flip(-1), x)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Image folders: class structure, the checking pass, the Dataset
+# ----------------------------------------------------------------------------------------------------
+
+def class_index(root, paths, class_cond: bool):
+    """(class_names, labels, counts). Classes are the sorted first-level sub-folders of root; ids are
+    positions in that list. Without class_cond: (None, all zeros, None)."""
+    if not class_cond:
+        return None, [0] * len(paths), None
+    root = Path(root)
+    names = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    loose = [p for p in paths if p.parent == root]
+    if loose:
+        raise DataError(f"{root}: {len(loose)} images (e.g. {loose[0].name}) sit directly in the folder, so "
+                        f"they have no class; with class labels every image must be in a class sub-folder")
+    ids = {n: i for i, n in enumerate(names)}
+    labels = [ids[p.relative_to(root).parts[0]] for p in paths]
+    counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=len(names)).tolist()
+    listing = ", ".join(f"{n}: {c}" for n, c in list(zip(names, counts))[:20])
+    listing += ", ..." if len(names) > 20 else ""
+    if len(names) < 2:
+        raise DataError(f"{root}: class labels need at least 2 class folders, found {len(names)} "
+                        f"({listing}); add folders or train without class labels")
+    empty = [n for n, c in zip(names, counts) if c == 0]
+    if empty:
+        raise DataError(f"{root}: empty class folders {', '.join(empty[:20])} (classes and image counts: "
+                        f"{listing}); add images or remove those folders")
+    return names, labels, counts
+
+
+def _inspect(path, res: int, decode: bool):
+    """(mode, (W, H), error) of one file as stored, after decoding it through the same conversion as
+    training uses (at reduced JPEG scale, which changes the size, hence the header read first)."""
     try:
         with Image.open(path) as im:
-            im.load()
-            im = ImageOps.exif_transpose(im)
-    except Exception as e:  # PIL raises many types for truncated or non-image files
-        raise DataError(f"{path}: cannot read image ({type(e).__name__}: {e})") from e
-    if im.mode in ("I;16", "I;16B", "I;16L", "I"):          # 16/32-bit grayscale: scale to 8 bits
-        im = im.point(lambda v: v / 256).convert("L") if im.mode != "I" else im.convert("L")
-    if im.mode == "P":
-        im = im.convert("RGBA")
-    if im.mode in ("RGBA", "LA", "PA"):
-        im = im.convert("RGBA")
-        canvas = Image.new("RGBA", im.size, BACKGROUND + (255,))
-        im = Image.alpha_composite(canvas, im)
-    return im.convert("RGB")
+            mode, size = im.mode, im.size
+        if decode:
+            _to_rgb(_open(path, draft_size=(res, res)))
+        return mode, size, None
+    except DataError as e:
+        return None, None, str(e)
+    except Exception as e:
+        return None, None, _unreadable(path, e)
+
+
+def check_batch(num_images: int, global_batch: int, source: str = "the dataset"):
+    """Refuse to train when one global batch (world size x per-rank batch x accumulation) is larger
+    than the data: every "epoch" would be a partial batch or repeat images within a step."""
+    if num_images < global_batch:
+        raise DataError(f"{source} has {num_images} images, fewer than one global batch of {global_batch}; "
+                        f"lower --batch-size, or add images (--num-scenes for the built-in data)")
+
+
+def check_dataset(root, res: int, class_cond: bool = False, skip_bad: bool = False, min_images: int = 1,
+                  decode: bool = True, workers: int | None = None, progress: bool = False) -> dict:
+    """The pre-training pass (run it on rank 0, broadcast the dict). Finds the images, checks class
+    folders, decodes every file (decode=False: headers only, which misses truncated files), and
+    returns a summary of plain Python values:
+        root, num_files, num_images (usable), bad_files (paths relative to root, skipped),
+        class_names, class_counts, num_small, num_elongated, modes {mode: count}, warnings [str]
+    Raises DataError for anything that would make training wrong; issues a DataWarning per warning.
+    Pass summary["bad_files"] to ImageFolder(..., bad_files=...) on every rank."""
+    root = Path(root)
+    paths = find_images(root)
+    class_index(root, paths, class_cond)  # structure errors before the slow part
+    results = []
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=len(paths), desc=f"checking {root}", unit="img")
+    with ThreadPoolExecutor(workers or min(8, os.cpu_count() or 1)) as pool:  # Pillow releases the GIL
+        for start in range(0, len(paths), 1024):
+            block = paths[start:start + 1024]
+            results += pool.map(lambda p: _inspect(p, res, decode), block)
+            if bar is not None:
+                bar.update(len(block))
+    if bar is not None:
+        bar.close()
+    bad = [(p, err) for p, (_, _, err) in zip(paths, results) if err is not None]
+    if bad and not skip_bad:
+        more = f" (and {len(bad) - 1} more unreadable files)" if len(bad) > 1 else ""
+        raise DataError(bad[0][1] + more)
+    good = [(p, mode, size) for p, (mode, size, err) in zip(paths, results) if err is None]
+    modes: dict[str, int] = {}
+    for _, mode, _ in good:
+        modes[mode] = modes.get(mode, 0) + 1
+    num_small = sum(min(size) < res for _, _, size in good)
+    num_elongated = sum(max(size) > ELONGATED * min(size) for _, _, size in good)
+    msgs = []
+    if bad:
+        msgs.append(f"{root}: skipped {len(bad)} unreadable images, e.g. {bad[0][1].split('; ')[0]}")
+    if num_small:
+        msgs.append(f"{root}: {num_small} of {len(good)} images are smaller than {res} px on the short "
+                    f"side and will be upscaled (blurry); consider a lower --res")
+    if num_elongated:
+        msgs.append(f"{root}: {num_elongated} of {len(good)} images are more than {ELONGATED:g}x longer than "
+                    f"wide (or the reverse); the centre crop keeps less than half of each")
+    for m in msgs:
+        warnings.warn(m, DataWarning, stacklevel=2)
+    names, _, counts = class_index(root, [p for p, _, _ in good], class_cond)  # skipping may empty a class
+    check_batch(len(good), min_images, f"{root}")
+    return {"root": str(root), "num_files": len(paths), "num_images": len(good),
+            "bad_files": [p.relative_to(root).as_posix() for p, _ in bad],
+            "class_names": names, "class_counts": counts, "num_small": num_small,
+            "num_elongated": num_elongated, "modes": modes, "warnings": msgs}
+
+
+class ImageFolder(torch.utils.data.Dataset):
+    """Every image below root as (x, label): x float32 (3, res, res) in [-1, 1], label an int (the class
+    id of the first-level sub-folder with class_cond, else 0). Deterministic: no flip here (see hflip).
+    bad_files: relative paths to leave out (check_dataset's summary["bad_files"]), so that every rank
+    holds the same list. skip_bad: a file that still fails to load is replaced, with a warning, by the
+    next loadable one (deterministically); otherwise a DataError names it."""
+
+    def __init__(self, root, res: int, class_cond: bool = False, skip_bad: bool = False, bad_files=None):
+        self.root, self.res, self.class_cond, self.skip_bad = Path(root), int(res), class_cond, skip_bad
+        if self.res < 1:
+            raise ValueError(f"res must be a positive number of pixels, got {res}")
+        exclude = set(bad_files or ())
+        self.paths = [p for p in find_images(self.root) if p.relative_to(self.root).as_posix() not in exclude]
+        if not self.paths:
+            raise DataError(f"{self.root}: every image was listed as bad; nothing left to train on")
+        self.class_names, self.labels, self.class_counts = class_index(self.root, self.paths, class_cond)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        for j in range(len(self.paths)):
+            k = (i + j) % len(self.paths)
+            try:
+                img = center_crop_resize(load_rgb(self.paths[k]), self.res)
+                return to_tensor(img), self.labels[k]  # (3, res, res), int
+            except DataError as e:
+                if not self.skip_bad:
+                    raise
+                warnings.warn(f"{e}; using the next image instead", DataWarning, stacklevel=2)
+        raise DataError(f"{self.root}: no image could be read")
+
+
+# ----------------------------------------------------------------------------------------------------
+# The built-in procedural dataset
+# ----------------------------------------------------------------------------------------------------
+
+KINDS = ("disc", "square", "triangle")
+MAX_SHAPES = 3
+NUM_CANDIDATES = 8    # colour candidates per shape; the first far enough from the background wins
+MIN_CONTRAST = 0.45   # RGB distance (colours in [0, 1]) between a shape and every background colour
+SIZE_RANGE = (0.10, 0.22)  # "size" = radius of the disc of equal area, as a fraction of the width
+# Shape geometry per kind, all with the area of a disc of radius `size`:
+#   apothem / size (distance centre -> edge): square sqrt(pi)/2, triangle sqrt(pi / (3 sqrt 3));
+#   extent / size (centre -> farthest point): disc 1, square apothem * sqrt 2, triangle 2 * apothem.
+APOTHEM = (1.0, math.sqrt(math.pi) / 2, math.sqrt(math.pi / (3 * math.sqrt(3))))
+EXTENT = (1.0, APOTHEM[1] * math.sqrt(2), 2 * APOTHEM[2])
+SIDES = (0, 4, 3)
+# Column layout of the per-scene uniform draws: each parameter always reads the same columns.
+_BG, _NSHAPES, _KIND, _SHAPES = 0, 7, 8, 9
+_PER_SHAPE = 4 + 3 * NUM_CANDIDATES  # cx, cy, size, angle, candidate colours
+_NUM_DRAWS = _SHAPES + MAX_SHAPES * _PER_SHAPE
+
+
+def _splitmix64(z: np.ndarray) -> np.ndarray:
+    """The splitmix64 finaliser (Steele et al. 2014): a bijective scrambler of 64-bit integers."""
+    with np.errstate(over="ignore"):
+        z = z + np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+def _uniform(seed: int, indices: np.ndarray, columns: np.ndarray) -> np.ndarray:
+    """U[0, 1) draws, a pure function of (seed, scene index, column): (B,) x (K,) -> (B, K) float64."""
+    key = _splitmix64(np.array([seed % 2**64], dtype=np.uint64))
+    key = _splitmix64(key ^ np.asarray(indices, dtype=np.uint64))              # (B,)
+    with np.errstate(over="ignore"):
+        z = _splitmix64(key[:, None] + np.asarray(columns, dtype=np.uint64)[None])  # (B, K)
+    return (z >> np.uint64(11)).astype(np.float64) * 2.0**-53
+
+
+def scene_kinds(indices, seed: int = 0) -> np.ndarray:
+    """Shape kind (0 disc, 1 square, 2 triangle) of each scene, without drawing anything else."""
+    return np.minimum((_uniform(seed, indices, [_KIND])[:, 0] * 3).astype(np.int64), 2)
+
+
+def scene_params(indices, seed: int = 0) -> dict:
+    """The vector description of scenes: plain arrays, resolution-free (coordinates in [0, 1], x to the
+    right, y down). Shapes are sorted largest first; slots beyond n_shapes are unused."""
+    indices = np.asarray(indices, dtype=np.int64)
+    u = _uniform(seed, indices, np.arange(_NUM_DRAWS))                             # (B, NUM_DRAWS)
+    kind = scene_kinds(indices, seed)                                              # (B,)
+    bg0, bg1 = 0.1 + 0.8 * u[:, _BG:_BG + 3], 0.1 + 0.8 * u[:, _BG + 3:_BG + 6]    # (B, 3) each
+    s = u[:, _SHAPES:].reshape(-1, MAX_SHAPES, _PER_SHAPE)                         # (B, S, per shape)
+    size = SIZE_RANGE[0] + (SIZE_RANGE[1] - SIZE_RANGE[0]) * s[:, :, 2]            # (B, S)
+    order = np.argsort(-size, axis=1, kind="stable")  # painter's order: big shapes first, small on top
+    s, size = np.take_along_axis(s, order[:, :, None], 1), np.take_along_axis(size, order, 1)
+    margin = 0.85 * size * np.asarray(EXTENT)[kind][:, None]  # keep (almost) all of a shape inside
+    centre = margin[..., None] + (1 - 2 * margin[..., None]) * s[:, :, 0:2]        # (B, S, 2)
+    # Colour: the first candidate at least MIN_CONTRAST from the background segment [bg0, bg1] (every
+    # background pixel lies on it); if none is, the farthest candidate.
+    cand = s[:, :, 4:].reshape(-1, MAX_SHAPES, NUM_CANDIDATES, 3)                  # (B, S, K, 3)
+    a, d = bg0[:, None, None], (bg1 - bg0)[:, None, None]                          # (B, 1, 1, 3)
+    t = ((cand - a) * d).sum(-1, keepdims=True) / np.maximum((d * d).sum(-1, keepdims=True), 1e-12)
+    dist = np.linalg.norm(cand - (a + np.clip(t, 0, 1) * d), axis=-1)  # to the nearest point (B, S, K)
+    ok = dist >= MIN_CONTRAST
+    pick = np.where(ok.any(-1), ok.argmax(-1), dist.argmax(-1))                    # (B, S)
+    colour = np.take_along_axis(cand, pick[..., None, None], 2)[:, :, 0]           # (B, S, 3)
+    return {"kind": kind, "bg0": bg0, "bg1": bg1, "bg_angle": 2 * math.pi * u[:, _BG + 6],
+            "n_shapes": 1 + np.minimum((u[:, _NSHAPES] * MAX_SHAPES).astype(np.int64), MAX_SHAPES - 1),
+            "centre": centre, "size": size, "angle": 2 * math.pi * s[:, :, 3], "colour": colour}
+
+
+def _render_kind(p: dict, kind: int, res: int) -> np.ndarray:
+    """Rasterise scenes that all share one shape kind: float32 (B, 3, res, res) in [0, 1]."""
+    f32 = np.float32
+    xy = ((np.arange(res) + 0.5) / res).astype(f32)                                # pixel centres
+    X, Y = xy[None, None, :], xy[None, :, None]                                    # (1, 1, W), (1, H, 1)
+    ux, uy = np.cos(p["bg_angle"]), np.sin(p["bg_angle"])
+    norm = np.abs(ux) + np.abs(uy)  # so that s = 0 and 1 at the two extreme corners
+    sx, sy = (ux / norm).astype(f32)[:, None, None], (uy / norm).astype(f32)[:, None, None]
+    s = 0.5 + (X - 0.5) * sx + (Y - 0.5) * sy                                      # (B, H, W)
+    bg0, bg1 = p["bg0"].astype(f32)[:, :, None, None], p["bg1"].astype(f32)[:, :, None, None]
+    img = bg0 + s[:, None] * (bg1 - bg0)                                           # (B, 3, H, W)
+    for j in range(MAX_SHAPES):
+        dx = X - p["centre"][:, j, 0].astype(f32)[:, None, None]                   # (B, 1, W)
+        dy = Y - p["centre"][:, j, 1].astype(f32)[:, None, None]                   # (B, H, 1)
+        size = p["size"][:, j]
+        if kind == 0:
+            sd = np.sqrt(dx * dx + dy * dy) - size.astype(f32)[:, None, None]      # (B, H, W)
+        else:  # a convex polygon is the intersection of its edge half-planes: sd = max over edges
+            sd = None
+            for k in range(SIDES[kind]):
+                phi = p["angle"][:, j] + 2 * math.pi * k / SIDES[kind]
+                nx, ny = np.cos(phi).astype(f32)[:, None, None], np.sin(phi).astype(f32)[:, None, None]
+                e = dx * nx + dy * ny                                              # (B, H, W)
+                sd = e if sd is None else np.maximum(sd, e)
+            sd -= (APOTHEM[kind] * size).astype(f32)[:, None, None]
+        active = (j < p["n_shapes"]).astype(f32)[:, None, None]
+        a = np.clip(0.5 - sd * f32(res), 0, 1) * active                            # coverage (B, H, W)
+        img += a[:, None] * (p["colour"][:, j].astype(f32)[:, :, None, None] - img)
+    return img
+
+
+def render_scenes(indices, res: int, seed: int = 0) -> np.ndarray:
+    """Scenes with the given indices at res x res: uint8 (B, 3, res, res). Each scene depends only on
+    (seed, index) -- not on res, the chunk it is rendered with, or the process."""
+    indices = np.asarray(indices, dtype=np.int64)
+    p = scene_params(indices, seed)
+    out = np.empty((len(indices), 3, res, res), dtype=np.uint8)
+    for kind in range(len(KINDS)):  # one kind per call: each scene only pays for its own distance
+        sel = np.flatnonzero(p["kind"] == kind)
+        if sel.size:
+            img = _render_kind({k: v[sel] for k, v in p.items()}, kind, res)
+            out[sel] = np.rint(img * 255)
+    return out
+
+
+class Scenes(torch.utils.data.Dataset):
+    """n procedural scenes at res x res (see the module docstring), same items as ImageFolder. The label
+    is the scene's shape kind (all its shapes share it) with class_cond, else 0. cache=None renders all
+    scenes once into a uint8 tensor if that takes at most 1 GiB, else each item on demand."""
+
+    def __init__(self, n: int, res: int, class_cond: bool = False, seed: int = 0, cache: bool | None = None):
+        if n < 1 or res < 1:
+            raise ValueError(f"Scenes needs n >= 1 scenes and res >= 1 pixels, got n={n}, res={res}")
+        self.n, self.res, self.class_cond, self.seed = int(n), int(res), class_cond, int(seed)
+        self.class_names = list(KINDS) if class_cond else None
+        self.kinds = torch.from_numpy(scene_kinds(np.arange(self.n), self.seed))  # (n,) long
+        self.images = None
+        if cache or (cache is None and self.n * 3 * self.res**2 <= 2**30):
+            self.images = torch.empty(self.n, 3, self.res, self.res, dtype=torch.uint8)
+            chunk = max(1, 2**18 // self.res**2)  # ~256k pixels per chunk keeps temporaries in cache
+            for start in range(0, self.n, chunk):
+                idx = np.arange(start, min(start + chunk, self.n))
+                u8 = render_scenes(idx, self.res, self.seed)                       # (chunk, 3, res, res)
+                self.images[start:start + len(idx)] = torch.from_numpy(u8)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int):
+        if not 0 <= i < self.n:
+            raise IndexError(f"scene {i} out of range 0..{self.n - 1}")
+        u8 = self.images[i].numpy() if self.images is not None else render_scenes([i], self.res, self.seed)[0]
+        return u8_to_x(u8), int(self.kinds[i]) if self.class_cond else 0  # (3, res, res), int
+
+
+# ----------------------------------------------------------------------------------------------------
+# Demo: a grid to look at
+# ----------------------------------------------------------------------------------------------------
+
+def quantize(images: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) in [-1, 1] -> uint8 (B, C, H, W) exactly as a PNG of them holds it:
+    round(clamp((x + 1) * 127.5, 0, 255)). sample.py writes these pixels and fid.py measures them."""
+    return ((images.detach().float() + 1.0) * 127.5).clamp(0.0, 255.0).round().to(torch.uint8)
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) in [-1, 1] (or already uint8) -> (B, H, W, C) uint8 on the CPU, ready for PIL."""
+    pixels = images if images.dtype == torch.uint8 else quantize(images)
+    return pixels.permute(0, 2, 3, 1).cpu()
+
+
+def save_png(array, path) -> None:
+    """Write a (H, W, C) uint8 array as PNG to a temp file beside `path`, then rename: a killed run
+    leaves either the complete old file, the complete new one, or a *.tmp that no reader globs."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array).save(tmp, format="PNG")  # L or RGB
+    os.replace(tmp, path)
+
+
+def save_grid(images: torch.Tensor, path, nrow: int | None = None, padding: int = 2) -> None:
+    """(B, C, H, W) images in [-1, 1] (or uint8) -> one PNG grid, nrow images per row (default
+    ceil(sqrt(B))), `padding` black pixels between them; written atomically."""
+    pixels = to_uint8(images)                                    # (B, H, W, C)
+    b, h, w, c = pixels.shape
+    nrow = nrow or math.ceil(math.sqrt(b))
+    rows = math.ceil(b / nrow)
+    grid = torch.zeros(rows * (h + padding) + padding, nrow * (w + padding) + padding, c, dtype=torch.uint8)
+    for i in range(b):
+        y, x = padding + (i // nrow) * (h + padding), padding + (i % nrow) * (w + padding)
+        grid[y:y + h, x:x + w] = pixels[i]
+    save_png(grid.numpy(), path)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Render a grid of procedural scenes, or check an image folder.")
+    p.add_argument("--res", type=int, default=64, help="image width in pixels")
+    p.add_argument("--n", type=int, default=64, help="scenes to render (the grid shows the first 64)")
+    p.add_argument("--seed", type=int, default=0, help="scene seed")
+    p.add_argument("--data", default=None, help="check this image folder instead and show its first images")
+    p.add_argument("--class-cond", action="store_true", help="use first-level sub-folders as classes")
+    p.add_argument("--skip-bad", action="store_true", help="skip unreadable images with a warning")
+    p.add_argument("--out", default="scenes.png", help="PNG grid to write")
+    args = p.parse_args(argv)
+    try:
+        t0 = time.perf_counter()
+        if args.data is None:
+            ds = Scenes(args.n, args.res, class_cond=True, seed=args.seed)
+            print(f"rendered {args.n} scenes at {args.res}x{args.res} in {time.perf_counter() - t0:.2f} s")
+        else:
+            summary = check_dataset(args.data, args.res, args.class_cond, args.skip_bad, progress=True)
+            print({k: v for k, v in summary.items() if k not in ("bad_files", "warnings")})
+            ds = ImageFolder(args.data, args.res, args.class_cond, args.skip_bad, summary["bad_files"])
+    except (DataError, ValueError) as e:
+        raise SystemExit(f"error: {e}")
+    items = [ds[i] for i in range(min(64, len(ds)))]
+    save_grid(torch.stack([x for x, _ in items]), args.out)
+    names = ds.class_names or ["-"]
+    print(f"wrote {args.out}; labels row by row:")
+    for r in range(0, len(items), 8):
+        print("  " + " ".join(f"{names[y]:>8}" for _, y in items[r:r + 8]))
+
+
+if __name__ == "__main__":
+    main()

@@ -45,7 +45,6 @@ an abbreviation of its own flags); test: `pytest tests/test_sample.py`.
 import argparse
 import dataclasses
 import importlib
-import math
 import os
 import re
 import sys
@@ -59,6 +58,7 @@ import torch.distributed as dist
 from PIL import Image
 from tqdm import tqdm
 
+from data import save_grid, save_png, to_uint8
 from losses import x_from_v
 from schedules import Schedule, alpha_sigma
 
@@ -280,47 +280,6 @@ def find_latest_run(root="runs") -> Path:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Writing images
-# ----------------------------------------------------------------------------------------------------
-
-def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """(B, C, H, W) in [-1, 1] -> (B, H, W, C) uint8, the quantisation a PNG save does (fid.py uses it
-    too, so features are taken from exactly the pixels that would be written)."""
-    if images.dtype == torch.uint8:
-        return images.permute(0, 2, 3, 1).cpu()
-    return ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
-
-
-def _save_png_atomic(array, path: Path) -> None:
-    """Write a (H, W, C) uint8 array as PNG to a temp file beside `path`, then rename: a killed run
-    leaves either the complete old file, the complete new one, or a *.tmp that no reader globs."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array).save(tmp, format="PNG")  # L or RGB
-    os.replace(tmp, path)
-
-
-def save_image(image: torch.Tensor, path) -> None:
-    """One (C, H, W) image in [-1, 1] -> PNG at path, atomically."""
-    _save_png_atomic(to_uint8(image[None])[0].numpy(), Path(path))
-
-
-def save_grid(images: torch.Tensor, path, nrow: int | None = None, padding: int = 2) -> None:
-    """(B, C, H, W) images in [-1, 1] (or uint8) -> one PNG grid, nrow images per row (default
-    ceil(sqrt(B))), `padding` black pixels between them; written atomically."""
-    pixels = to_uint8(images)                                    # (B, H, W, C)
-    b, h, w, c = pixels.shape
-    nrow = nrow or math.ceil(math.sqrt(b))
-    rows = math.ceil(b / nrow)
-    grid = torch.zeros(rows * (h + padding) + padding, nrow * (w + padding) + padding, c, dtype=torch.uint8)
-    for i in range(b):
-        y, x = padding + (i // nrow) * (h + padding), padding + (i % nrow) * (w + padding)
-        grid[y:y + h, x:x + w] = pixels[i]
-    _save_png_atomic(grid.numpy(), Path(path))
-
-
-# ----------------------------------------------------------------------------------------------------
 # Command line: python sample.py [--ckpt RUN_DIR_OR_FILE] [--out grid.png] [--out-dir DIR] ...
 # ----------------------------------------------------------------------------------------------------
 
@@ -484,7 +443,7 @@ def run(cfg: SampleConfig, rank: int, world: int, device: torch.device) -> None:
             pixels = to_uint8(images)                                        # (b, H, W, C)
             for s, p in zip(batch, pixels):
                 if png:
-                    _save_png_atomic(p.numpy(), png(s))
+                    save_png(p.numpy(), png(s))
                 if grid_path:
                     kept[s] = p
             bar.update(len(batch))

@@ -488,26 +488,29 @@ def model_stats(model_cls, cfg) -> tuple[int, float]:
 
 
 def print_preset_table(model_cls, presets: dict) -> None:
-    print(f"| preset | res | stem | params | fwd GFLOPs/img |\n| --- | --- | --- | --- | --- |")
+    print("| preset | res | stem | params | fwd GFLOPs/img |\n| --- | --- | --- | --- | --- |")
     for name, cfg in presets.items():
         params, flops = model_stats(model_cls, cfg)
         print(f"| {name} | {cfg.res} | {cfg.stem} x{cfg.stem_factor} | {params / 1e6:,.1f}M | {flops / 1e9:,.2f} |")
 
 
-if __name__ == "__main__":
-    p = argparse.ArgumentParser(description="Print the U-Net presets (parameters, forward GFLOPs per image); "
-                                            "with --preset, print that configuration after the overrides.")
-    p.add_argument("--preset", choices=list(PRESETS), default=None)
+def preset_cli(model_cls, presets: dict, describe) -> None:
+    """`python unet.py` / `python uvit.py`: the preset table, or one preset after --res."""
+    p = argparse.ArgumentParser(description=f"Print the {model_cls.__name__} presets (parameters, forward GFLOPs "
+                                            "per image); with --preset, print that configuration after the overrides.")
+    p.add_argument("--preset", choices=list(presets), default=None)
     p.add_argument("--res", type=int, default=None, help="override the preset's resolution")
     args = p.parse_args()
     if args.preset is None:
-        print_preset_table(UNet, PRESETS)
-    else:
-        try:
-            cfg = preset_config(args.preset, **({} if args.res is None else {"res": args.res}))
-            params, flops = model_stats(UNet, cfg)
-            print(asdict(cfg))
-            print(f"levels at {conv_level_resolutions(cfg)} px; {params / 1e6:.2f}M parameters; "
-                  f"{flops / 1e9:.3f} forward GFLOPs per image")
-        except ValueError as e:
-            p.exit(2, f"error: {e}\n")
+        return print_preset_table(model_cls, presets)
+    try:
+        cfg = make_preset_config(presets, args.preset, {} if args.res is None else {"res": args.res})
+        params, flops = model_stats(model_cls, cfg)
+        print(asdict(cfg))
+        print(f"{describe(cfg)}; {params / 1e6:.2f}M parameters; {flops / 1e9:.3f} forward GFLOPs per image")
+    except ValueError as e:
+        p.exit(2, f"error: {e}\n")
+
+
+if __name__ == "__main__":
+    preset_cli(UNet, PRESETS, lambda cfg: f"levels at {conv_level_resolutions(cfg)} px")

@@ -39,16 +39,14 @@ of every transformer block when the token grid's size is in `dropout_resolutions
 
 Run `python uvit.py` for the preset table, `pytest tests/test_uvit.py` for the tests.
 """
-import argparse
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from unet import (Conditioning, Level, Stem, check_common, check_inputs, check_resolution,
-                  conv_level_resolutions, lists_to_tuples, make_preset_config, model_stats, norm, print_preset_table,
-                  run_block)
+                  conv_level_resolutions, lists_to_tuples, make_preset_config, norm, preset_cli, run_block)
 
 
 class TransformerBlock(nn.Module):
@@ -197,19 +195,5 @@ def preset_config(name: str, **overrides) -> UViTConfig:
 
 
 if __name__ == "__main__":
-    p = argparse.ArgumentParser(description="Print the U-ViT presets (parameters, forward GFLOPs per image); "
-                                            "with --preset, print that configuration after the overrides.")
-    p.add_argument("--preset", choices=list(PRESETS), default=None)
-    p.add_argument("--res", type=int, default=None, help="override the preset's resolution")
-    args = p.parse_args()
-    if args.preset is None:
-        print_preset_table(UViT, PRESETS)
-    else:
-        try:
-            cfg = preset_config(args.preset, **({} if args.res is None else {"res": args.res}))
-            params, flops = model_stats(UViT, cfg)
-            print(asdict(cfg))
-            print(f"conv levels at {conv_level_resolutions(cfg)} px, {validate_uvit(cfg)}^2 tokens; "
-                  f"{params / 1e6:.2f}M parameters; {flops / 1e9:.3f} forward GFLOPs per image")
-        except ValueError as e:
-            p.exit(2, f"error: {e}\n")
+    preset_cli(UViT, PRESETS, lambda cfg: f"conv levels at {conv_level_resolutions(cfg)} px, "
+                                          f"{validate_uvit(cfg)}^2 tokens")
