@@ -444,7 +444,7 @@ class UNet(nn.Module):
 PRESETS: dict[str, UNetConfig] = {
     "tiny": UNetConfig(res=32, stem="patch", stem_factor=2, channels=(16, 32), num_blocks=(1, 1),
                        attn_resolutions=(8,), head_dim=16, emb_dim=32, norm_groups=8),
-    "small": UNetConfig(res=32, stem="patch", stem_factor=2, channels=(48, 96, 128), num_blocks=(2, 2, 1),
+    "small": UNetConfig(res=32, stem="wavelet", stem_factor=2, channels=(48, 96, 128), num_blocks=(2, 2, 1),
                         attn_resolutions=(8, 4), head_dim=32, emb_dim=128),
     "64": UNetConfig(res=64, stem="none", stem_factor=1, channels=(128, 256, 768, 768), num_blocks=(2, 2, 8, 2),
                      attn_resolutions=(16, 8), head_dim=64, emb_dim=1024, dropout=0.1,

@@ -159,7 +159,9 @@ class UViT(nn.Module):
         for level in self.levels:
             h = level.encode(h, emb, saved)                      # ends at (B, D, grid, grid)
         B, D, G, _ = h.shape
-        x = h.flatten(2).transpose(1, 2) + self.pos_emb          # (B, N, D), N = grid^2
+        # contiguous: otherwise the sum keeps the transposed strides, and every LayerNorm and Linear of
+        # the residual stream copies its input first.
+        x = h.flatten(2).transpose(1, 2).contiguous() + self.pos_emb   # (B, N, D), N = grid^2
         for block in self.blocks:
             x = run_block(block, x, emb, self.grad_checkpointing)
         h = x.transpose(1, 2).reshape(B, D, G, G)                # (B, D, grid, grid)
@@ -171,13 +173,17 @@ class UViT(nn.Module):
 # ----------------------------------------------------------------------------------------------------
 # Presets (hyper-parameters are our choice). Paper-scale: conv levels 128 -> 32 px at 128/256/512 (the
 # wavelet stem absorbs the extra resolution), a 16x16 grid of 256 tokens, D = 2048, 32 blocks: about
-# 1.9B parameters, the paper's "about 2B". "64" drops the 128-px level.
+# 1.9B parameters, the paper's "about 2B". "64" drops the 128-px level. "cpu64" is bench.py's
+# transformer-heavy CPU network at 64x64: 2x2 patches, one conv level at 32x32, then 256 tokens of width
+# 256 through 8 blocks, which hold about 90% of its FLOPs (7.7M parameters).
 
 PRESETS: dict[str, UViTConfig] = {
     "tiny": UViTConfig(res=32, stem="patch", stem_factor=2, channels=(16,), num_blocks=(1,), width=32, depth=2,
                        head_dim=16, emb_dim=32, norm_groups=8),
     "small": UViTConfig(res=32, stem="patch", stem_factor=2, channels=(64,), num_blocks=(2,), width=160,
                         depth=6, head_dim=32, emb_dim=128),
+    "cpu64": UViTConfig(res=64, stem="patch", stem_factor=2, channels=(64,), num_blocks=(1,), width=256, depth=8,
+                        head_dim=64, emb_dim=128),
     "64": UViTConfig(res=64, stem="none", stem_factor=1, channels=(256, 512), num_blocks=(2, 2), token_res=16,
                      width=2048, depth=32, head_dim=128, emb_dim=1024, dropout=0.1, dropout_resolutions=(16,),
                      num_classes=1000),
