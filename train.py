@@ -147,7 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 argument_default=argparse.SUPPRESS)
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
-        help_ = f"{f.metadata['help']} (default: {f.default!r}, or the preset's)"
+        row = "" if f.name in ("res", "model") else ", or the preset row"
+        help_ = f"{f.metadata['help']} (default: {f.default!r}{row})"
         if f.type in (bool, bool | None):
             p.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_)
         else:
@@ -347,7 +348,8 @@ def draw_loss_curve(records: list[dict], path: Path, size=(560, 320)) -> None:
     """Loss against step on a log axis: the logged values (light) and a centred moving average of
     about 1/20 of the run (dark, no lag), with round-number ticks; drawn with Pillow."""
     from PIL import Image, ImageDraw
-    pts = [(r["step"], math.log10(r["loss"])) for r in records if r.get("loss", 0) > 0 and math.isfinite(r["loss"])]
+    pts = [(r["step"], math.log10(r["loss"])) for r in records
+           if r.get("loss", 0) > 0 and math.isfinite(r["loss"])]
     if len(pts) < 2:
         return
     w, h, (l, r, t, b) = *size, (60, 15, 25, 35)
@@ -367,9 +369,9 @@ def draw_loss_curve(records: list[dict], path: Path, size=(560, 320)) -> None:
     for k in range(math.ceil(x0 / gap), math.floor(x1 / gap) + 1):
         d.line([sx(k * gap), h - b, sx(k * gap), h - b + 4], fill="black")
         d.text((sx(k * gap) - 12, h - b + 7), f"{k * gap:g}", fill="black")
-    half = max(len(pts) // 40, 0)
-    smooth = [(pts[i][0], sum(p[1] for p in pts[max(i - half, 0):i + half + 1]) / len(pts[max(i - half, 0):i + half + 1]))
-              for i in range(len(pts))]
+    half = len(pts) // 40
+    windows = [[y for _, y in pts[max(i - half, 0):i + half + 1]] for i in range(len(pts))]
+    smooth = [(s, sum(win) / len(win)) for (s, _), win in zip(pts, windows)]
     d.line([(sx(s), sy(y)) for s, y in pts], fill=(170, 190, 230), width=1)
     d.line([(sx(s), sy(y)) for s, y in smooth], fill=(20, 60, 160), width=2)
     d.text((l, 5), "training loss (log scale) vs step", fill="black")
@@ -529,7 +531,8 @@ def train(argv=None):
         rngs, error = gather_objects(rng), None
         if rank == 0:
             try:
-                bad = [k for k, v in model.state_dict().items() if v.is_floating_point() and not v.isfinite().all()]
+                bad = [k for k, v in model.state_dict().items()
+                       if v.is_floating_point() and not v.isfinite().all()]
                 if bad:
                     raise TrainingAborted(f"step {step}: non-finite weights in {bad[:3]}; not saving them")
                 state = {"step": step, "model_name": cfg.model, "model_config": asdict(model_config),
@@ -611,7 +614,8 @@ def train(argv=None):
         pbar.update(1)
 
         if step % cfg.log_every == 0 or step == cfg.steps or stopping:
-            loss_avg, gnorm_avg = (all_reduce(torch.stack([loss_sum, gnorm_sum])) / (world * max(logged, 1))).tolist()
+            sums = all_reduce(torch.stack([loss_sum, gnorm_sum]))      # the one sync for logging
+            loss_avg, gnorm_avg = (sums / (world * max(logged, 1))).tolist()
             if rank == 0 and logged:
                 r = {"step": step, "loss": loss_avg, "lr": lr, "grad_norm": gnorm_avg, "epoch": epoch,
                      "img_per_s": round(cfg.batch_size * logged / (time.time() - t_log), 1),

@@ -31,7 +31,6 @@ import torch.nn as nn
 from PIL import Image
 
 import fid
-from data import DataError
 
 ROOT = Path(__file__).resolve().parents[1]
 KEYS_JSON = Path("/work/shared/design/fid_inception_state_dict_keys.json")

@@ -302,7 +302,8 @@ import os, sys, torch
 sys.path.insert(0, {repo!r})
 import train
 model, ema = train.main(sys.argv[1:])
-torch.save({{"model": model.state_dict(), "ema": ema.state_dict()}}, os.path.join({out!r}, "rank" + os.environ["RANK"] + ".pt"))
+out = os.path.join({out!r}, "rank" + os.environ["RANK"] + ".pt")
+torch.save({{"model": model.state_dict(), "ema": ema.state_dict()}}, out)
 """
 
 
