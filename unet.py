@@ -13,13 +13,13 @@ so a 512x512 model costs about what a 256x256 one does. uvit.py reuses every blo
 
 Levels of the "small" preset at res 32 (B batch, C channels, H W spatial, N tokens, D width):
 
-    z_t (B, 3, 32, 32) --patch 2x2--> (B, 12, 16, 16) --conv3x3--> (B, 48, 16, 16)
+    z_t (B, 3, 32, 32) --5/3 wavelet--> (B, 12, 16, 16) --conv3x3--> (B, 48, 16, 16)
     level 0  16x16,  48 ch: 2 ResBlocks -------------------- skips --> 2 ResBlocks (each concat a skip)
                  avg-pool + 1x1 conv |                                 ^ 1x1 conv + nearest up
     level 1    8x8,  96 ch: 2 ResBlocks+attention -------- skips --> 2 ResBlocks+attention
                  avg-pool + 1x1 conv |                                 ^ 1x1 conv + nearest up
     level 2    4x4, 128 ch: 1 ResBlock+attn -> middle: ResBlock+attn, ResBlock -> 1 ResBlock+attn
-    head: GroupNorm, SiLU, zero-initialised conv3x3 -> (B, 12, 16, 16) --un-patch--> v_pred (B, 3, 32, 32)
+    head: GroupNorm, SiLU, zero-initialised conv3x3 -> (B, 12, 16, 16) --inverse wavelet--> v_pred (B, 3, 32, 32)
 
 Equations and conventions:
     5/3 (LeGall, JPEG2000) wavelet by lifting, per axis ("avoiding high resolution feature maps"):
