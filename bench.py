@@ -15,7 +15,8 @@ our README its sgemm runs at AVX2 speed, about 40% of what oneDNN's AVX-512 kern
 core. The machine's peak is the larger of the two; "% of mm" is against torch.mm alone.
 
 What it measures (medians of timed repetitions after warm-up; the machine may be shared and noisy, so
-compare ratios taken within one run, and read the other processes' CPU use printed at the top):
+compare ratios taken within one run; the cores other processes used meanwhile are printed per preset
+and for the whole run, so a shared row shows itself):
     peak       fp32 FLOP/s of torch.mm (n x n, 2 n^3 FLOPs) and of oneDNN, best of N each; measured
                at the start and again right before each preset's timed steps (rows use their own)
     train      per preset: parameters, fwd+bwd GFLOPs per image, img/s of a full step (loss, backward,
@@ -324,20 +325,33 @@ def bench_fid(batch: int, min_reps: int, seconds: float, res: int = 32, d: int =
 # ----------------------------------------------------------------------------------------------------
 # Report.
 
-def busy_cores(seconds: float = 1.0) -> float:
-    """How many cores other processes keep busy, from /proc/stat over `seconds` while this one sleeps
-    (the load average lags by minutes and counts this process too). NaN where /proc/stat is missing."""
-    def ticks():
-        with open("/proc/stat") as fh:
-            values = [int(v) for v in fh.readline().split()[1:]]
-        return sum(values), values[3] + values[4]                  # all, idle + iowait
+def cpu_ticks() -> tuple[int, int, int] | None:
+    """(all CPU time, busy CPU time, this process's CPU time) so far, in clock ticks, from /proc (Linux;
+    None elsewhere). Two readings tell how busy *other* processes kept the cores in between, which the
+    load average cannot: it lags by minutes and counts this process too."""
     try:
-        total0, idle0 = ticks()
-        time.sleep(seconds)
-        total1, idle1 = ticks()
+        with open("/proc/stat") as fh:
+            cpu = [int(v) for v in fh.readline().split()[1:]]
+        with open("/proc/self/stat") as fh:
+            mine = fh.read().rsplit(")", 1)[1].split()               # fields 3.. of proc(5)
+        return sum(cpu), sum(cpu) - cpu[3] - cpu[4], int(mine[11]) + int(mine[12])   # idle, iowait; utime, stime
     except (OSError, ValueError, IndexError):
+        return None
+
+
+def others_busy(start, end) -> float:
+    """Cores that other processes kept busy, on average, between two cpu_ticks() readings (NaN if unknown)."""
+    if start is None or end is None:
         return float("nan")
-    return os.cpu_count() * (1 - (idle1 - idle0) / max(total1 - total0, 1))
+    total, busy, mine = (b - a for a, b in zip(start, end))
+    return os.cpu_count() * (busy - mine) / max(total, 1)
+
+
+def busy_cores(seconds: float = 1.0) -> float:
+    """Cores other processes keep busy right now (measured over `seconds`)."""
+    start = cpu_ticks()
+    time.sleep(seconds)
+    return others_busy(start, cpu_ticks())
 
 
 def machine_info() -> dict:
@@ -354,7 +368,7 @@ def print_train_row(r: dict) -> None:
     print(f"| {r['model']} | {r['preset']} | {r['res']} | {r['batch']} | {r['params'] / 1e6:.2f}M | "
           f"{r['gflops_per_img']:.3f} | {r['img_per_s']:.1f} | {r['gflops_per_s']:.0f} | {100 * r['frac_peak']:.0f}% | "
           f"{100 * r['frac_mm']:.0f}% | {100 * r['dense_share']:.0f}% | {r['activation_mb']:.0f} | "
-          f"{r['step_peak_mb']:.0f} |", flush=True)
+          f"{r['step_peak_mb']:.0f} | {r['others_busy_cores']:.1f} |", flush=True)
 
 
 def main(argv=None):
@@ -363,7 +377,7 @@ def main(argv=None):
         torch.set_num_threads(cfg.threads)
     quick = cfg.quick
     min_reps, seconds = (3, cfg.seconds / 4) if quick else (5, cfg.seconds)
-    results = dict(machine=machine_info(), config=asdict(cfg))
+    results, run_start = dict(machine=machine_info(), config=asdict(cfg)), cpu_ticks()
     m = results["machine"]
     policy = f", OMP_WAIT_POLICY={m['omp_wait_policy']}" if m["omp_wait_policy"] else ""
     print(f"{m['cpu']}, {m['cores']} cores, torch {m['torch']} ({m['isa']}), {m['threads']} thread(s){policy}; "
@@ -378,12 +392,14 @@ def main(argv=None):
           f"-> peak {peak['peak_gflops']:.0f} GFLOP/s")
 
     print("\n| model | preset | res | batch | params | fwd+bwd GFLOP/img | train img/s | GFLOP/s | % of peak "
-          "| % of mm | conv+mm+attn time | activations MB | step peak MB |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+          "| % of mm | conv+mm+attn time | activations MB | step peak MB | cores used by others |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     cases = [(*QUICK_CASES[0][:3], cfg.batch_size)] + (QUICK_CASES if quick else TRAIN_CASES)[1:]
     results["train"] = []
     for case in cases:
+        start = cpu_ticks()
         results["train"].append(bench_train(*case, min_reps, seconds))
+        results["train"][-1]["others_busy_cores"] = others_busy(start, cpu_ticks())
         print_train_row(results["train"][-1])
     default = results["train"][0]
     where = f"{default['model']}/{default['preset']}/{default['res']}"
@@ -409,11 +425,11 @@ def main(argv=None):
     print(f"FID: Inception features {f['features_img_per_s']:.1f} img/s (resized to 299), trace term at "
           f"d = {f['dims']}: {f['trace_term_s']:.2f} s")
 
-    m["busy_cores_end"] = busy_cores()
+    m["others_busy_run"] = others_busy(run_start, cpu_ticks())
     if cfg.json:
         with open(cfg.json, "w") as fh:
             json.dump(results, fh, indent=2)
-    print(f"other processes busy on {m['busy_cores_end']:.1f} cores at the end")
+    print(f"other processes kept {m['others_busy_run']:.1f} cores busy on average during the run")
     print(f"default preset ({where}x{default['res']}, batch {default['batch']}): {100 * default['frac_peak']:.0f}% of "
           f"the measured fp32 peak ({100 * default['frac_mm']:.0f}% of the torch.mm peak)")
 
