@@ -390,7 +390,23 @@ def validate_unet(cfg: UNetConfig) -> None:
                              f"of head_dim={cfg.head_dim}")
 
 
-class UNet(nn.Module):
+def zero_head(channels: int, out_channels: int, groups: int) -> nn.Sequential:
+    """GroupNorm, SiLU, conv3x3 with zero weights and bias: the network outputs v_pred = 0 at init."""
+    head = nn.Sequential(norm(channels, groups), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1))
+    nn.init.zeros_(head[-1].weight), nn.init.zeros_(head[-1].bias)
+    return head
+
+
+class ConvLevelsModel(nn.Module):
+    """What UNet and UViT share beyond their blocks: switching activation checkpointing on their levels."""
+
+    def set_grad_checkpointing(self, enabled: bool = True) -> None:
+        self.grad_checkpointing = enabled
+        for level in self.levels:
+            level.grad_checkpointing = enabled
+
+
+class UNet(ConvLevelsModel):
     """forward(z_t (B, C, H, W), logsnr (B,), class_labels (B,) long or None) -> v_pred (B, C, H, W)."""
 
     def __init__(self, cfg: UNetConfig):
@@ -412,14 +428,8 @@ class UNet(nn.Module):
         mid_dropout = cfg.dropout if resolutions[-1] in cfg.dropout_resolutions else 0.0
         self.middle = nn.ModuleList([ResBlock(ch[-1], ch[-1], cfg.emb_dim, mid_dropout, True, cfg.head_dim, g),
                                      ResBlock(ch[-1], ch[-1], cfg.emb_dim, mid_dropout, False, cfg.head_dim, g)])
-        self.head = nn.Sequential(norm(ch[0], g), nn.SiLU(), nn.Conv2d(ch[0], stem_channels, 3, padding=1))
-        nn.init.zeros_(self.head[-1].weight), nn.init.zeros_(self.head[-1].bias)  # v_pred = 0 at init
+        self.head = zero_head(ch[0], stem_channels, g)
         self.set_grad_checkpointing(cfg.grad_checkpointing)
-
-    def set_grad_checkpointing(self, enabled: bool = True) -> None:
-        self.grad_checkpointing = enabled
-        for level in self.levels:
-            level.grad_checkpointing = enabled
 
     def forward(self, z_t: torch.Tensor, logsnr: torch.Tensor, class_labels: torch.Tensor | None = None):
         logsnr = check_inputs(self, z_t, logsnr, class_labels)

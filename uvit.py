@@ -45,8 +45,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from unet import (Conditioning, Level, Stem, check_common, check_inputs, check_resolution,
-                  conv_level_resolutions, lists_to_tuples, make_preset_config, norm, preset_cli, run_block)
+from unet import (ConvLevelsModel, Conditioning, Level, Stem, check_common, check_inputs, check_resolution,
+                  conv_level_resolutions, lists_to_tuples, make_preset_config, preset_cli, run_block, zero_head)
 
 
 class TransformerBlock(nn.Module):
@@ -120,7 +120,7 @@ def validate_uvit(cfg: UViTConfig) -> int:
     return grid
 
 
-class UViT(nn.Module):
+class UViT(ConvLevelsModel):
     """forward(z_t (B, C, H, W), logsnr (B,), class_labels (B,) long or None) -> v_pred (B, C, H, W)."""
 
     def __init__(self, cfg: UViTConfig):
@@ -142,14 +142,8 @@ class UViT(nn.Module):
         token_dropout = cfg.dropout if self.grid in cfg.dropout_resolutions else 0.0
         self.blocks = nn.ModuleList(TransformerBlock(D, cfg.emb_dim, cfg.head_dim, cfg.mlp_ratio, token_dropout)
                                     for _ in range(cfg.depth))
-        self.head = nn.Sequential(norm(ch[0], g), nn.SiLU(), nn.Conv2d(ch[0], stem_channels, 3, padding=1))
-        nn.init.zeros_(self.head[-1].weight), nn.init.zeros_(self.head[-1].bias)  # v_pred = 0 at init
+        self.head = zero_head(ch[0], stem_channels, g)
         self.set_grad_checkpointing(cfg.grad_checkpointing)
-
-    def set_grad_checkpointing(self, enabled: bool = True) -> None:
-        self.grad_checkpointing = enabled
-        for level in self.levels:
-            level.grad_checkpointing = enabled
 
     def forward(self, z_t: torch.Tensor, logsnr: torch.Tensor, class_labels: torch.Tensor | None = None):
         logsnr = check_inputs(self, z_t, logsnr, class_labels)
