@@ -32,6 +32,9 @@ Choices (the paper trains on ImageNet only):
 - Scene randomness is a counter-based hash (splitmix64 of seed, index, draw), not a stateful RNG: any
   index renders alone, in any chunk or DataLoader worker, identically. One shape kind per scene (the
   label); each shape colour is >= 0.45 (RGB distance) from every background colour of its scene.
+- Big shapes, mostly alone: an equal-area radius of 16-30% of the width and P(1, 2, 3 shapes) =
+  (0.5, 0.3, 0.2). At 32x32 a smaller triangle is a few pixels across, a blob even when drawn exactly;
+  with these the 10-minute CPU demo draws silhouettes a person can name (README, "The CPU demo").
 - The pre-training check decodes JPEGs at reduced scale (Pillow's draft): all data is still parsed, so
   truncation is caught, at a fraction of the cost.
 
@@ -309,10 +312,11 @@ class ImageFolder(torch.utils.data.Dataset):
 # ----------------------------------------------------------------------------------------------------
 
 KINDS = ("disc", "square", "triangle")
-MAX_SHAPES = 3
+N_SHAPES_P = (0.5, 0.3, 0.2)  # P(1, 2, 3 shapes): mostly one, so a small model sees whole silhouettes
+MAX_SHAPES = len(N_SHAPES_P)
 NUM_CANDIDATES = 8    # colour candidates per shape; the first far enough from the background wins
 MIN_CONTRAST = 0.45   # RGB distance (colours in [0, 1]) between a shape and every background colour
-SIZE_RANGE = (0.10, 0.22)  # "size" = radius of the disc of equal area, as a fraction of the width
+SIZE_RANGE = (0.16, 0.30)  # "size" = radius of the disc of equal area, as a fraction of the width
 # Shape geometry per kind, all with the area of a disc of radius `size`:
 #   apothem / size (distance centre -> edge): square sqrt(pi)/2, triangle sqrt(pi / (3 sqrt 3));
 #   extent / size (centre -> farthest point): disc 1, square apothem * sqrt 2, triangle 2 * apothem.
@@ -371,7 +375,7 @@ def scene_params(indices, seed: int = 0) -> dict:
     pick = np.where(ok.any(-1), ok.argmax(-1), dist.argmax(-1))                    # (B, S)
     colour = np.take_along_axis(cand, pick[..., None, None], 2)[:, :, 0]           # (B, S, 3)
     return {"kind": kind, "bg0": bg0, "bg1": bg1, "bg_angle": 2 * math.pi * u[:, _BG + 6],
-            "n_shapes": 1 + np.minimum((u[:, _NSHAPES] * MAX_SHAPES).astype(np.int64), MAX_SHAPES - 1),
+            "n_shapes": 1 + np.searchsorted(np.cumsum(N_SHAPES_P)[:-1], u[:, _NSHAPES], side="right"),
             "centre": centre, "size": size, "angle": 2 * math.pi * s[:, :, 3], "colour": colour}
 
 

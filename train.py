@@ -13,21 +13,26 @@ generators whose state is in the checkpoint. Samples come from an EMA of the wei
 What simple diffusion itself asks of training (Sec. 3): the shifted schedule for the resolution (Eq. 5,
 --schedule shifted, --noise-d 64), the multiscale loss from 256 up (Sec. 3.2, --multiscale), big
 batches. Per optimizer step, with G = --batch-size (global) and n = step:
-    lr_n      = lr * min(1, (n + 1) / warmup)                            linear warm-up, then constant
+    lr_n      = lr * min(1, (n + 1) / warmup, (N - n) / (f N))           warm-up, constant, linear decay
     x         = G images of the epoch's permutation, split into world_size x grad_accum micro-batches
     loss      = mean over G of L_eps (or L_multi / the sigmoid weighting), labels dropped w.p. p_uncond
     theta     <- AdamW(theta, clip(grad loss, grad_clip), lr_n)       skipped if loss or grad is not finite
     theta_ema <- lerp(theta_ema, theta, 1 - beta_n),  beta_n = min(ema_decay, (1 + n) / (10 + n))
 
-Symbols: theta -> model, theta_ema -> ema, G -> batch_size, p_uncond -> label_dropout, beta -> decay.
+Symbols: theta -> model, theta_ema -> ema, G -> batch_size, p_uncond -> label_dropout, beta -> decay,
+         N -> steps, f -> cooldown.
 
-Choices and deviations (the paper gives no optimiser settings): AdamW (beta2 0.99, no weight decay);
-constant LR after warm-up, so a finished run can be extended with a larger --steps and still resume
-exactly; the (1 + n) / (10 + n) EMA warm-up, so short runs have a usable EMA; gradient clipping at 1;
-label dropout 0.1. A skipped (non-finite) step still counts towards --steps and uses up its batch. The
-defaults (no flags) are the CPU demo of cpu-demo.md, tuned by measurement: built-in scenes, 32x32, the
-"small" U-Net, batch 32, 4500 steps, and SiD2's sigmoid weighting (b = 3.4), which drew visibly crisper
-shapes than the eps loss for the same compute; the paper-scale rows of TRAIN_PRESETS keep the eps loss.
+Choices and deviations (the paper gives no optimiser settings): AdamW (beta2 0.99, no weight decay); a
+warm-up-stable-decay LR whose decay over the last third of the run visibly cleaned up the demo's shapes
+(a constant LR leaves noise in the weights that the EMA does not remove in a short run); the paper-scale
+rows keep a constant LR (--cooldown 0), so a finished run can be extended with a larger --steps and
+resume exactly (with a cooldown, a larger --steps moves the decay); the (1 + n) / (10 + n) EMA warm-up,
+so short runs have a usable EMA; gradient clipping at 1; label dropout 0.1. A skipped (non-finite) step
+still counts towards --steps and uses up its batch. The defaults (no flags) are the CPU demo of
+cpu-demo.md, tuned by measurement: built-in scenes, 32x32, the "small" U-Net, the shape kind as class
+label (grids guided with w = 1), batch 32, 4500 steps, and SiD2's sigmoid weighting (b = 3.4), which drew
+visibly crisper shapes than the eps loss for the same compute; the paper-scale rows of TRAIN_PRESETS keep
+the eps loss.
 
 Run:  python train.py                      (the CPU demo; the same command again resumes)
       torchrun --nproc_per_node=8 train.py --res 256 --data DIR
@@ -62,8 +67,8 @@ from schedules import SCHEDULES, get_schedule
 MODELS = ("unet", "uvit")  # model file = model name; imported when used (importlib), like sample.py does
 MAX_BAD_STEPS = 5          # non-finite steps in a row before we give up
 # Fields that may change when a run is resumed: they do not change what is being trained.
-RUNTIME_FIELDS = ("steps", "run_dir", "resume", "compile", "precision", "num_workers", "log_every",
-                  "ckpt_every", "sample_every", "sample_steps", "num_samples", "skip_bad_images")
+RUNTIME_FIELDS = ("steps", "run_dir", "resume", "compile", "precision", "num_workers", "log_every", "ckpt_every",
+                  "sample_every", "sample_steps", "num_samples", "sample_guidance", "skip_bad_images")
 
 
 def opt(default, help, **kw):
@@ -79,7 +84,8 @@ class TrainConfig:
     preset: str = opt("", "model preset (PRESETS in unet.py / uvit.py); '' = chosen by --model and --res")
     data: str = opt("", "folder of images, searched recursively; '' = the built-in procedural scenes")
     num_scenes: int = opt(10000, "number of built-in scenes (ignored with --data)")
-    class_cond: bool = opt(False, "class-conditional: labels from first-level sub-folders (or the shape kind)")
+    class_cond: bool | None = opt(None, "class-conditional: labels from first-level sub-folders or the scenes' "
+                                        "shape kind; default: on for the built-in scenes, off with --data")
     label_dropout: float = opt(0.1, "probability of training on the null label (classifier-free guidance)")
     flip: bool = opt(True, "random horizontal flips")
     skip_bad_images: bool = opt(False, "skip unreadable images with a warning instead of stopping")
@@ -98,6 +104,8 @@ class TrainConfig:
     grad_accum: int = opt(1, "micro-steps (gradient accumulation) per optimizer step")
     lr: float = opt(2e-3, "peak learning rate (AdamW)")
     warmup: int = opt(100, "linear learning-rate warm-up, in steps")
+    cooldown: float = opt(1 / 3, "fraction of --steps at the end over which the LR falls linearly to 0 "
+                                 "(0 = constant to the end)")
     weight_decay: float = opt(0.0, "AdamW weight decay")
     beta2: float = opt(0.99, "AdamW beta2")
     grad_clip: float = opt(1.0, "clip the global gradient norm to this (0 = no clipping)")
@@ -114,14 +122,15 @@ class TrainConfig:
     sample_every: int = opt(1000, "steps between EMA sample grids (0 = only at the end)")
     sample_steps: int = opt(64, "sampler steps for the grids")
     num_samples: int = opt(64, "images per grid (fixed seeds 0..n-1)")
+    sample_guidance: float = opt(1.0, "classifier-free guidance weight w of the grids (class-conditional runs)")
 
 
 # Per (model, res): the model preset and the training numbers. Explicit flags override these; a res not
 # listed uses the nearest row. Paper-scale rows follow the paper where it is known (shifted schedule, eps
 # loss, multiscale from 256, batch 512) and common practice elsewhere (lr 1e-4, EMA 0.9999). The 32 px row
 # is the CPU demo, tuned by measurement (README): SiD2's sigmoid weighting gave crisper shapes there.
-_PAPER = dict(batch_size=512, lr=1e-4, warmup=10000, ema_decay=0.9999, steps=500_000, weighting="eps",
-              log_every=100, ckpt_every=5000, sample_every=5000, sample_steps=256, num_workers=8)
+_PAPER = dict(batch_size=512, lr=1e-4, warmup=10000, cooldown=0.0, ema_decay=0.9999, steps=500_000,
+              weighting="eps", log_every=100, ckpt_every=5000, sample_every=5000, sample_steps=256, num_workers=8)
 _ROWS = {16: dict(preset="tiny", sigmoid_bias=4.8), 32: dict(preset="small"),   # 32 = the defaults
          64: dict(preset="64", **_PAPER), 128: dict(preset="128", **_PAPER),
          256: dict(preset="256", multiscale=True, **_PAPER), 512: dict(preset="512", multiscale=True, **_PAPER)}
@@ -170,17 +179,21 @@ def resolve_config(argv=None) -> TrainConfig:
     cfg = dataclasses.replace(TrainConfig(), **{**preset_row(model, res), **explicit})
     if not cfg.run_dir:
         cfg.run_dir = f"runs/{cfg.model}-{cfg.res}"
+    if cfg.class_cond is None:   # the scenes' shape kind is a free label; a user's folder may have none
+        cfg.class_cond = not cfg.data
     return cfg
 
 
 def check_config(cfg: TrainConfig, world_size: int) -> None:
     """Flag errors that need no data: fail before any compute is spent."""
     for names, low in (("res steps batch_size grad_accum lr sample_steps num_samples log_every num_scenes", 1e-30),
-                       ("warmup ckpt_every sample_every num_workers weight_decay grad_clip", 0)):
+                       ("warmup cooldown ckpt_every sample_every num_workers weight_decay grad_clip", 0)):
         for name in names.split():
             if getattr(cfg, name) < low:
                 raise ConfigError(f"--{name.replace('_', '-')} must be {'positive' if low else '>= 0'}, "
                                   f"got {getattr(cfg, name)}")
+    if cfg.cooldown > 1:
+        raise ConfigError(f"--cooldown is a fraction of --steps and must lie in [0, 1], got {cfg.cooldown}")
     if not 0 <= cfg.label_dropout < 1 or not 0 <= cfg.ema_decay < 1 or not 0 < cfg.beta2 < 1:
         raise ConfigError("--label-dropout, --ema-decay and --beta2 must lie in [0, 1)")
     module = importlib.import_module(cfg.model)
@@ -311,7 +324,10 @@ def ema_decay_at(step: int, decay: float) -> float:
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
-    return cfg.lr * min(1.0, (step + 1) / cfg.warmup) if cfg.warmup else cfg.lr
+    """Warm-up, stable, decay: the smaller of the linear ramp up and the linear ramp down to 0 at --steps."""
+    up = (step + 1) / cfg.warmup if cfg.warmup else 1.0
+    down = (cfg.steps - step) / (cfg.cooldown * cfg.steps) if cfg.cooldown else 1.0
+    return cfg.lr * min(1.0, up, down)
 
 
 def save_checkpoint(run_dir: Path, state: dict, keep: int = 2) -> Path:
@@ -549,13 +565,14 @@ def train(argv=None):
             raise TrainingAborted(error)
 
     def sample_grid() -> None:
-        """EMA samples from fixed seeds 0..num_samples-1 (class seed % num_classes), rank 0 only."""
+        """EMA samples from fixed seeds 0..num_samples-1 (class seed % num_classes, guided), rank 0 only."""
         if rank != 0:
             return
         labels = torch.arange(cfg.num_samples, device=device) % num_classes if num_classes else None
         with torch.random.fork_rng(devices=[device] if cuda else []):   # leave the training RNG untouched
             images = sampling.sample(ema, (cfg.num_samples, 3, cfg.res, cfg.res), schedule, cfg.sample_steps,
-                                     class_labels=labels, seeds=range(cfg.num_samples), progress=False)
+                                     class_labels=labels, guidance=cfg.sample_guidance if num_classes else 0.0,
+                                     seeds=range(cfg.num_samples), progress=False)
         sampling.save_grid(images, run_dir / "samples" / f"step_{step:08d}.png")
         draw_loss_curve(records, run_dir / "loss_curve.png")
         log(f"samples: {run_dir / 'samples' / f'step_{step:08d}.png'}")

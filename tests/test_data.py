@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from data import (save_grid, DataError, DataWarning, ImageFolder, Scenes, center_crop_resize, check_batch, check_dataset,
+from data import (N_SHAPES_P, SIZE_RANGE, save_grid, DataError, DataWarning, ImageFolder, Scenes, center_crop_resize, check_batch, check_dataset,
                   find_images, hflip, load_rgb, render_scenes, scene_params)
 
 
@@ -328,3 +328,16 @@ def test_save_grid_layout_and_quantisation(tmp_path):
         y, x = 2 + (i // 3) * 6, 2 + (i % 3) * 8
         assert (grid[y:y + 4, x:x + 6] == e).all(), i
     assert (grid[:2] == 0).all() and (grid[:, :2] == 0).all()
+
+
+def test_scene_counts_and_sizes_follow_the_stated_distribution():
+    """n_shapes ~ N_SHAPES_P and size ~ U(SIZE_RANGE): empirical frequencies of 20,000 scenes within
+    4 binomial standard deviations of the stated probabilities, and sizes inside the stated range."""
+    n = 20000
+    p = scene_params(np.arange(n))
+    freq = np.bincount(p["n_shapes"], minlength=len(N_SHAPES_P) + 1)[1:] / n
+    expected = np.asarray(N_SHAPES_P)
+    assert np.all(np.abs(freq - expected) < 4 * np.sqrt(expected * (1 - expected) / n))
+    lo, hi = SIZE_RANGE
+    assert p["size"].min() >= lo and p["size"].max() <= hi
+    assert np.mean(p["size"] < (lo + hi) / 2) == pytest.approx(0.5, abs=4 * 0.5 / np.sqrt(p["size"].size))
