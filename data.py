@@ -34,7 +34,7 @@ Choices (the paper trains on ImageNet only):
   label); each shape colour is >= 0.45 (RGB distance) from every background colour of its scene.
 - Big shapes, mostly alone: an equal-area radius of 16-30% of the width and P(1, 2, 3 shapes) =
   (0.5, 0.3, 0.2). At 32x32 a smaller triangle is a few pixels across, a blob even when drawn exactly;
-  with these the 10-minute CPU demo draws silhouettes a person can name (README, "The CPU demo").
+  with these the CPU demo draws silhouettes a person can name (README, "The CPU demo").
 - The pre-training check decodes JPEGs at reduced scale (Pillow's draft): all data is still parsed, so
   truncation is caught, at a fraction of the cost.
 

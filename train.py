@@ -187,12 +187,12 @@ def resolve_config(argv=None) -> TrainConfig:
 def check_config(cfg: TrainConfig, world_size: int) -> None:
     """Flag errors that need no data: fail before any compute is spent."""
     for names, low in (("res steps batch_size grad_accum lr sample_steps num_samples log_every num_scenes", 1e-30),
-                       ("warmup cooldown ckpt_every sample_every num_workers weight_decay grad_clip", 0)):
+                       ("warmup ckpt_every sample_every num_workers weight_decay grad_clip", 0)):
         for name in names.split():
             if getattr(cfg, name) < low:
                 raise ConfigError(f"--{name.replace('_', '-')} must be {'positive' if low else '>= 0'}, "
                                   f"got {getattr(cfg, name)}")
-    if cfg.cooldown > 1:
+    if not 0 <= cfg.cooldown <= 1:
         raise ConfigError(f"--cooldown is a fraction of --steps and must lie in [0, 1], got {cfg.cooldown}")
     if not 0 <= cfg.label_dropout < 1 or not 0 <= cfg.ema_decay < 1 or not 0 < cfg.beta2 < 1:
         raise ConfigError("--label-dropout, --ema-decay and --beta2 must lie in [0, 1)")

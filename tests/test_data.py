@@ -21,8 +21,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from data import (N_SHAPES_P, SIZE_RANGE, save_grid, DataError, DataWarning, ImageFolder, Scenes, center_crop_resize, check_batch, check_dataset,
-                  find_images, hflip, load_rgb, render_scenes, scene_params)
+from data import (N_SHAPES_P, SIZE_RANGE, save_grid, DataError, DataWarning, ImageFolder, Scenes,
+                  center_crop_resize, check_batch, check_dataset, find_images, hflip, load_rgb, render_scenes,
+                  scene_params)
 
 
 def solid(path, colour=(200, 30, 40), size=(40, 40), mode="RGB", **save):
