@@ -182,12 +182,12 @@ def test_cli_resume_missing_file(tmp_path):
 
 def test_run_dir_with_another_config_is_refused_and_kept(tmp_path):
     run_dir = tmp_path / "r"
-    assert run([*TINY, "--steps", "2", "--run-dir", run_dir], tmp_path).returncode == 0
+    assert run([*TINY, "--steps", "2", "--lr", "1e-3", "--run-dir", run_dir], tmp_path).returncode == 0
     before = tree_digest(run_dir)
     proc = run([*TINY, "--steps", "4", "--lr", "5e-4", "--no-flip", "--run-dir", run_dir], tmp_path)
     assert proc.returncode == 2
     line = error_line(proc)
-    assert "lr: 0.002 (checkpoint) vs 0.0005 (now)" in line and "flip: True (checkpoint) vs False (now)" in line
+    assert "lr: 0.001 (checkpoint) vs 0.0005 (now)" in line and "flip: True (checkpoint) vs False (now)" in line
     assert "steps" not in line.split("run:")[1]       # --steps may change: it extends a run
     assert tree_digest(run_dir) == before             # nothing written, renamed or deleted
 
