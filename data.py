@@ -44,9 +44,11 @@ Run `python data.py --res 64 --out scenes.png` to look at scenes (`--data DIR` c
 import argparse
 import math
 import os
+import sys
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import field, fields
 from pathlib import Path
 
 import numpy as np
@@ -471,13 +473,9 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
 
 
 def save_png(array, path) -> None:
-    """Write a (H, W, C) uint8 array as PNG to a temp file beside `path`, then rename: a killed run
-    leaves either the complete old file, the complete new one, or a *.tmp that no reader globs."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array).save(tmp, format="PNG")  # L or RGB
-    os.replace(tmp, path)
+    """Write a (H, W, C) uint8 array as a PNG, atomically (write_atomic)."""
+    image = Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array)   # L or RGB
+    write_atomic(path, lambda f: image.save(f, format="PNG"))
 
 
 def save_grid(images: torch.Tensor, path, nrow: int | None = None, padding: int = 2) -> None:
@@ -492,6 +490,72 @@ def save_grid(images: torch.Tensor, path, nrow: int | None = None, padding: int 
         y, x = padding + (i // nrow) * (h + padding), padding + (i % nrow) * (w + padding)
         grid[y:y + h, x:x + w] = pixels[i]
     save_png(grid.numpy(), path)
+
+
+# ----------------------------------------------------------------------------------------------------
+# What every script shares: atomic files, config dataclasses as command lines, one set of exit codes.
+# They live here because data.py is the lowest file that train, sample, fid and bench all import.
+# ----------------------------------------------------------------------------------------------------
+
+EXIT_FAILURE, EXIT_USAGE = 1, 2   # 2: a bad flag, file, dataset or checkpoint; 1: the run itself failed
+
+
+def write_atomic(path, write) -> Path:
+    """Create `path` through `write(f)` (f: a binary file object): the bytes go to a temp file beside it,
+    are fsynced, then os.replace'd into place. A reader sees the complete old file or the complete new
+    one; a killed writer leaves only `<name>.tmp<pid>`, which no reader's pattern matches. A failure
+    removes the temp file and re-raises, so an existing file is never left half-written."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def flag(default, help: str, **argparse_kw):
+    """A config dataclass field that is also a command-line flag: its --help text and argparse extras
+    (choices, metavar; `name` for another flag name, `aliases` for more)."""
+    return field(default=default, metadata=dict(help=help, **argparse_kw))
+
+
+def add_config_flags(parser: argparse.ArgumentParser, config_cls, typed_only: bool = False) -> None:
+    """One --field-name per field of a config dataclass, the same way in every script: booleans as
+    --x / --no-x, tuples as nargs=len, the type from the annotation (or the default). typed_only: flags
+    the user did not type are left out of the namespace (train.py layers them over a preset row)."""
+    for f in fields(config_cls):
+        meta = dict(f.metadata)
+        names = (meta.pop("name", "--" + f.name.replace("_", "-")), *meta.pop("aliases", ()))
+        meta["help"] = f"{meta['help']} (default: {f.default!r})".replace("%", "%%")
+        kw = dict(dest=f.name, default=argparse.SUPPRESS if typed_only else f.default, **meta)
+        if f.type in (bool, bool | None):
+            parser.add_argument(*names, action=argparse.BooleanOptionalAction, **kw)
+        elif isinstance(f.default, tuple):
+            parser.add_argument(*names, type=type(f.default[0]), nargs=len(f.default), **kw)
+        else:
+            parser.add_argument(*names, type=f.type if isinstance(f.type, type) else type(f.default), **kw)
+
+
+def config_from_args(config_cls, args: dict):
+    """The dataclass from parsed flags (lists back to tuples, so configs compare equal)."""
+    return config_cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in args.items()})
+
+
+def error_exit_code(e: BaseException, print_error: bool = True) -> int:
+    """Report a failure as one `error: ...` line on stderr and return the exit code: EXIT_USAGE for a
+    bad input (every ValueError: flags, files, data, checkpoints), EXIT_FAILURE for anything else.
+    An error re-raised by a DataLoader worker carries a traceback; its last line is the message."""
+    lines = str(e).strip().splitlines() or [type(e).__name__]
+    message = lines[-1].split("Error: ", 1)[-1] if len(lines) > 1 else lines[0]
+    if print_error:
+        print(f"error: {message}", file=sys.stderr, flush=True)
+    return EXIT_USAGE if isinstance(e, ValueError) else EXIT_FAILURE
 
 
 def main(argv=None):
