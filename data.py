@@ -1,51 +1,46 @@
 """
-Data: image folders, the built-in procedural scenes, and the checks that run before training.
+Data: image folders in, PNGs out, and the checks that run before training.
 
-The idea. The model only ever sees x in [-1, 1] of shape (3, res, res); this file turns whatever the
-user has into exactly that, the same way every time. A folder of photos: decode, EXIF rotation, 8-bit
-RGB, shorter side to res, centre square (the ADM/DiT recipe). No data: `Scenes`, gradient backgrounds
-with 1-3 discs, squares or triangles. A scene is *vector-defined* -- a few numbers (colours, centres,
-sizes, angles) drawn from (seed, index), rasterised at whatever res is asked -- so scene 7 at 32x32 and
-at 128x128 is one picture at two sampling rates. That is the paper's central point made testable: more
-pixels add correlated neighbours, not content, which is why simple diffusion shifts the noise schedule
-by 2 log(64 / d) (Sec. 3.1, Eq. 5) instead of reusing the 64x64 one as plain DDPM would.
+The idea. The model only ever sees x in [-1, 1] of shape (3, res, res); this file turns a folder of the
+user's images into exactly that, the same way every time, and turns model outputs back into the exact
+bytes a PNG holds. In: decode, EXIF rotation, 8-bit RGB, shorter side to res, centre square (the
+ADM/DiT recipe), x = u8 / 127.5 - 1. Before a run: one pass that decodes every file and reports, as one
+readable line, anything that would make training wrong (no images, unreadable files, empty or missing
+class folders, fewer images than a batch), and warns about what it will use but might surprise
+(upscaled, heavily cropped or skipped images). Out: u8 = round(clamp((x + 1) 127.5, 0, 255)), the
+inverse up to rounding, written atomically. With no folder, training uses the procedural scenes of
+scenes.py, which builds on this file.
 
 Equations:
     x = u8 / 127.5 - 1                          uint8 pixel -> model range, 0 -> -1 and 255 -> +1
+    u8 = round(clamp((x + 1) * 127.5, 0, 255))  model range -> the pixels a PNG stores (quantize)
     ADM resize: box-halve while min(W, H) >= 2 res; bicubic to min(W, H) = res; centre crop
-    background   bg(p) = c0 + s(p) (c1 - c0),  s(p) = 1/2 + <p - 1/2, u> / (|u_x| + |u_y|)
-    coverage     a(p) = clip(1/2 - sd(p) res, 0, 1)   (sd: signed distance, image width = 1)
-                 disc: sd = |p - c| - r;   regular m-gon: sd = max_k <p - c, n_k> - apothem
-    painter      img <- img + a (colour - img), largest shape first
-The ramp approximates the area a pixel box covers, so a 128x128 render average-pooled by 4 matches the
-32x32 render up to corner effects and rounding (tests/test_data.py checks it).
+    hflip: mirror example b iff rand_b < 1/2, rand from a checkpointed torch.Generator
 
-Symbols: d (image width) -> res;  x (clean image) -> x;  class y -> label.  Legend: B batch, C channels,
-H W spatial, S shape slots, K colour candidates.
+Symbols: d (image width) -> res;  x (clean image) -> x;  class y -> label.  Legend: B batch,
+C channels, H W spatial.
 
 Choices (the paper trains on ImageNet only):
+- Classes are the sorted first-level sub-folders; an image directly in the root has no class and is an
+  error with class labels, as is an empty class folder or a single class.
 - Transparency composited on white; palette, grayscale, CMYK (Pillow's formula, no ICC profile) and
   16-bit become 8-bit RGB; 16-bit grayscale keeps its high byte, as Pillow does for 16-bit RGB PNGs.
   Hidden files and folders (".x", macOS "._x.jpg") are skipped; symlinked folders are followed.
 - No random flip inside an item: `hflip` flips a batch from a torch.Generator that train.py
   checkpoints, so a resumed run replays bit-identical batches.
-- Scene randomness is a counter-based hash (splitmix64 of seed, index, draw), not a stateful RNG: any
-  index renders alone, in any chunk or DataLoader worker, identically. One shape kind per scene (the
-  label); each shape colour is >= 0.45 (RGB distance) from every background colour of its scene.
-- Big shapes, mostly alone: an equal-area radius of 16-30% of the width and P(1, 2, 3 shapes) =
-  (0.5, 0.3, 0.2). At 32x32 a smaller triangle is a few pixels across, a blob even when drawn exactly;
-  with these the CPU demo draws silhouettes a person can name (README, "The CPU demo").
 - The pre-training check decodes JPEGs at reduced scale (Pillow's draft): all data is still parsed, so
-  truncation is caught, at a fraction of the cost.
+  truncation is caught, at a fraction of the cost. Unreadable files stop the run unless skipped
+  (--skip-bad); the skipped list is computed once and handed to every rank.
+- The last section holds what every script shares (atomic writes, config flags, exit codes): this is
+  the lowest file in the import order.
 
-Run `python data.py --res 64 --out scenes.png` to look at scenes (`--data DIR` checks a folder);
-`pytest tests/test_data.py` for the tests.
+Run `python data.py --data DIR --res 64 --out check.png` to check a folder and look at its first
+images; `pytest tests/test_data.py` for the tests.
 """
 import argparse
 import math
 import os
 import sys
-import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import field, fields
@@ -54,6 +49,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, ImageOps
+from tqdm import tqdm
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 BACKGROUND = (255, 255, 255)  # transparent pixels are composited on white, deterministically
@@ -310,154 +306,7 @@ class ImageFolder(torch.utils.data.Dataset):
 
 
 # ----------------------------------------------------------------------------------------------------
-# The built-in procedural dataset
-# ----------------------------------------------------------------------------------------------------
-
-KINDS = ("disc", "square", "triangle")
-N_SHAPES_P = (0.5, 0.3, 0.2)  # P(1, 2, 3 shapes): mostly one, so a small model sees whole silhouettes
-MAX_SHAPES = len(N_SHAPES_P)
-NUM_CANDIDATES = 8    # colour candidates per shape; the first far enough from the background wins
-MIN_CONTRAST = 0.45   # RGB distance (colours in [0, 1]) between a shape and every background colour
-SIZE_RANGE = (0.16, 0.30)  # "size" = radius of the disc of equal area, as a fraction of the width
-# Shape geometry per kind, all with the area of a disc of radius `size`:
-#   apothem / size (distance centre -> edge): square sqrt(pi)/2, triangle sqrt(pi / (3 sqrt 3));
-#   extent / size (centre -> farthest point): disc 1, square apothem * sqrt 2, triangle 2 * apothem.
-APOTHEM = (1.0, math.sqrt(math.pi) / 2, math.sqrt(math.pi / (3 * math.sqrt(3))))
-EXTENT = (1.0, APOTHEM[1] * math.sqrt(2), 2 * APOTHEM[2])
-SIDES = (0, 4, 3)
-# Column layout of the per-scene uniform draws: each parameter always reads the same columns.
-_BG, _NSHAPES, _KIND, _SHAPES = 0, 7, 8, 9
-_PER_SHAPE = 4 + 3 * NUM_CANDIDATES  # cx, cy, size, angle, candidate colours
-_NUM_DRAWS = _SHAPES + MAX_SHAPES * _PER_SHAPE
-
-
-def _splitmix64(z: np.ndarray) -> np.ndarray:
-    """The splitmix64 finaliser (Steele et al. 2014): a bijective scrambler of 64-bit integers."""
-    with np.errstate(over="ignore"):
-        z = z + np.uint64(0x9E3779B97F4A7C15)
-        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    return z ^ (z >> np.uint64(31))
-
-
-def _uniform(seed: int, indices: np.ndarray, columns: np.ndarray) -> np.ndarray:
-    """U[0, 1) draws, a pure function of (seed, scene index, column): (B,) x (K,) -> (B, K) float64."""
-    key = _splitmix64(np.array([seed % 2**64], dtype=np.uint64))
-    key = _splitmix64(key ^ np.asarray(indices, dtype=np.uint64))              # (B,)
-    with np.errstate(over="ignore"):
-        z = _splitmix64(key[:, None] + np.asarray(columns, dtype=np.uint64)[None])  # (B, K)
-    return (z >> np.uint64(11)).astype(np.float64) * 2.0**-53
-
-
-def scene_kinds(indices, seed: int = 0) -> np.ndarray:
-    """Shape kind (0 disc, 1 square, 2 triangle) of each scene, without drawing anything else."""
-    return np.minimum((_uniform(seed, indices, [_KIND])[:, 0] * 3).astype(np.int64), 2)
-
-
-def scene_params(indices, seed: int = 0) -> dict:
-    """The vector description of scenes: plain arrays, resolution-free (coordinates in [0, 1], x to the
-    right, y down). Shapes are sorted largest first; slots beyond n_shapes are unused."""
-    indices = np.asarray(indices, dtype=np.int64)
-    u = _uniform(seed, indices, np.arange(_NUM_DRAWS))                             # (B, NUM_DRAWS)
-    kind = scene_kinds(indices, seed)                                              # (B,)
-    bg0, bg1 = 0.1 + 0.8 * u[:, _BG:_BG + 3], 0.1 + 0.8 * u[:, _BG + 3:_BG + 6]    # (B, 3) each
-    s = u[:, _SHAPES:].reshape(-1, MAX_SHAPES, _PER_SHAPE)                         # (B, S, per shape)
-    size = SIZE_RANGE[0] + (SIZE_RANGE[1] - SIZE_RANGE[0]) * s[:, :, 2]            # (B, S)
-    order = np.argsort(-size, axis=1, kind="stable")  # painter's order: big shapes first, small on top
-    s, size = np.take_along_axis(s, order[:, :, None], 1), np.take_along_axis(size, order, 1)
-    margin = 0.85 * size * np.asarray(EXTENT)[kind][:, None]  # keep (almost) all of a shape inside
-    centre = margin[..., None] + (1 - 2 * margin[..., None]) * s[:, :, 0:2]        # (B, S, 2)
-    # Colour: the first candidate at least MIN_CONTRAST from the background segment [bg0, bg1] (every
-    # background pixel lies on it); if none is, the farthest candidate.
-    cand = s[:, :, 4:].reshape(-1, MAX_SHAPES, NUM_CANDIDATES, 3)                  # (B, S, K, 3)
-    a, d = bg0[:, None, None], (bg1 - bg0)[:, None, None]                          # (B, 1, 1, 3)
-    t = ((cand - a) * d).sum(-1, keepdims=True) / np.maximum((d * d).sum(-1, keepdims=True), 1e-12)
-    dist = np.linalg.norm(cand - (a + np.clip(t, 0, 1) * d), axis=-1)  # to the nearest point (B, S, K)
-    ok = dist >= MIN_CONTRAST
-    pick = np.where(ok.any(-1), ok.argmax(-1), dist.argmax(-1))                    # (B, S)
-    colour = np.take_along_axis(cand, pick[..., None, None], 2)[:, :, 0]           # (B, S, 3)
-    return {"kind": kind, "bg0": bg0, "bg1": bg1, "bg_angle": 2 * math.pi * u[:, _BG + 6],
-            "n_shapes": 1 + np.searchsorted(np.cumsum(N_SHAPES_P)[:-1], u[:, _NSHAPES], side="right"),
-            "centre": centre, "size": size, "angle": 2 * math.pi * s[:, :, 3], "colour": colour}
-
-
-def _render_kind(p: dict, kind: int, res: int) -> np.ndarray:
-    """Rasterise scenes that all share one shape kind: float32 (B, 3, res, res) in [0, 1]."""
-    f32 = np.float32
-    xy = ((np.arange(res) + 0.5) / res).astype(f32)                                # pixel centres
-    X, Y = xy[None, None, :], xy[None, :, None]                                    # (1, 1, W), (1, H, 1)
-    ux, uy = np.cos(p["bg_angle"]), np.sin(p["bg_angle"])
-    norm = np.abs(ux) + np.abs(uy)  # so that s = 0 and 1 at the two extreme corners
-    sx, sy = (ux / norm).astype(f32)[:, None, None], (uy / norm).astype(f32)[:, None, None]
-    s = 0.5 + (X - 0.5) * sx + (Y - 0.5) * sy                                      # (B, H, W)
-    bg0, bg1 = p["bg0"].astype(f32)[:, :, None, None], p["bg1"].astype(f32)[:, :, None, None]
-    img = bg0 + s[:, None] * (bg1 - bg0)                                           # (B, 3, H, W)
-    for j in range(MAX_SHAPES):
-        dx = X - p["centre"][:, j, 0].astype(f32)[:, None, None]                   # (B, 1, W)
-        dy = Y - p["centre"][:, j, 1].astype(f32)[:, None, None]                   # (B, H, 1)
-        size = p["size"][:, j]
-        if kind == 0:
-            sd = np.sqrt(dx * dx + dy * dy) - size.astype(f32)[:, None, None]      # (B, H, W)
-        else:  # a convex polygon is the intersection of its edge half-planes: sd = max over edges
-            sd = None
-            for k in range(SIDES[kind]):
-                phi = p["angle"][:, j] + 2 * math.pi * k / SIDES[kind]
-                nx, ny = np.cos(phi).astype(f32)[:, None, None], np.sin(phi).astype(f32)[:, None, None]
-                e = dx * nx + dy * ny                                              # (B, H, W)
-                sd = e if sd is None else np.maximum(sd, e)
-            sd -= (APOTHEM[kind] * size).astype(f32)[:, None, None]
-        active = (j < p["n_shapes"]).astype(f32)[:, None, None]
-        a = np.clip(0.5 - sd * f32(res), 0, 1) * active                            # coverage (B, H, W)
-        img += a[:, None] * (p["colour"][:, j].astype(f32)[:, :, None, None] - img)
-    return img
-
-
-def render_scenes(indices, res: int, seed: int = 0) -> np.ndarray:
-    """Scenes with the given indices at res x res: uint8 (B, 3, res, res). Each scene depends only on
-    (seed, index) -- not on res, the chunk it is rendered with, or the process."""
-    indices = np.asarray(indices, dtype=np.int64)
-    p = scene_params(indices, seed)
-    out = np.empty((len(indices), 3, res, res), dtype=np.uint8)
-    for kind in range(len(KINDS)):  # one kind per call: each scene only pays for its own distance
-        sel = np.flatnonzero(p["kind"] == kind)
-        if sel.size:
-            img = _render_kind({k: v[sel] for k, v in p.items()}, kind, res)
-            out[sel] = np.rint(img * 255)
-    return out
-
-
-class Scenes(torch.utils.data.Dataset):
-    """n procedural scenes at res x res (see the module docstring), same items as ImageFolder. The label
-    is the scene's shape kind (all its shapes share it) with class_cond, else 0. cache=None renders all
-    scenes once into a uint8 tensor if that takes at most 1 GiB, else each item on demand."""
-
-    def __init__(self, n: int, res: int, class_cond: bool = False, seed: int = 0, cache: bool | None = None):
-        if n < 1 or res < 1:
-            raise ValueError(f"Scenes needs n >= 1 scenes and res >= 1 pixels, got n={n}, res={res}")
-        self.n, self.res, self.class_cond, self.seed = int(n), int(res), class_cond, int(seed)
-        self.class_names = list(KINDS) if class_cond else None
-        self.kinds = torch.from_numpy(scene_kinds(np.arange(self.n), self.seed))  # (n,) long
-        self.images = None
-        if cache or (cache is None and self.n * 3 * self.res**2 <= 2**30):
-            self.images = torch.empty(self.n, 3, self.res, self.res, dtype=torch.uint8)
-            chunk = max(1, 2**18 // self.res**2)  # ~256k pixels per chunk keeps temporaries in cache
-            for start in range(0, self.n, chunk):
-                idx = np.arange(start, min(start + chunk, self.n))
-                u8 = render_scenes(idx, self.res, self.seed)                       # (chunk, 3, res, res)
-                self.images[start:start + len(idx)] = torch.from_numpy(u8)
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __getitem__(self, i: int):
-        if not 0 <= i < self.n:
-            raise IndexError(f"scene {i} out of range 0..{self.n - 1}")
-        u8 = self.images[i].numpy() if self.images is not None else render_scenes([i], self.res, self.seed)[0]
-        return u8_to_x(u8), int(self.kinds[i]) if self.class_cond else 0  # (3, res, res), int
-
-
-# ----------------------------------------------------------------------------------------------------
-# Demo: a grid to look at
+# Pixels out: the exact uint8 of a PNG, atomic PNG files and grids
 # ----------------------------------------------------------------------------------------------------
 
 def quantize(images: torch.Tensor) -> torch.Tensor:
@@ -553,39 +402,33 @@ def error_exit_code(e: BaseException, print_error: bool = True) -> int:
     An error re-raised by a DataLoader worker carries a traceback; its last line is the message."""
     lines = str(e).strip().splitlines() or [type(e).__name__]
     message = lines[-1].split("Error: ", 1)[-1] if len(lines) > 1 else lines[0]
-    if print_error:
-        print(f"error: {message}", file=sys.stderr, flush=True)
+    if print_error:   # tqdm.write: on a line of its own, below any progress bar
+        tqdm.write(f"error: {message}", file=sys.stderr)
     return EXIT_USAGE if isinstance(e, ValueError) else EXIT_FAILURE
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description="Render a grid of procedural scenes, or check an image folder.")
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description="Check an image folder as training would, and show its first images.")
+    p.add_argument("--data", required=True, help="image folder to check (recursive; classes = sub-folders)")
     p.add_argument("--res", type=int, default=64, help="image width in pixels")
-    p.add_argument("--n", type=int, default=64, help="scenes to render (the grid shows the first 64)")
-    p.add_argument("--seed", type=int, default=0, help="scene seed")
-    p.add_argument("--data", default=None, help="check this image folder instead and show its first images")
     p.add_argument("--class-cond", action="store_true", help="use first-level sub-folders as classes")
     p.add_argument("--skip-bad", action="store_true", help="skip unreadable images with a warning")
-    p.add_argument("--out", default="scenes.png", help="PNG grid to write")
+    p.add_argument("--out", default="check.png", help="PNG grid of the first 64 images to write")
     args = p.parse_args(argv)
     try:
-        t0 = time.perf_counter()
-        if args.data is None:
-            ds = Scenes(args.n, args.res, class_cond=True, seed=args.seed)
-            print(f"rendered {args.n} scenes at {args.res}x{args.res} in {time.perf_counter() - t0:.2f} s")
-        else:
-            summary = check_dataset(args.data, args.res, args.class_cond, args.skip_bad, progress=True)
-            print({k: v for k, v in summary.items() if k not in ("bad_files", "warnings")})
-            ds = ImageFolder(args.data, args.res, args.class_cond, args.skip_bad, summary["bad_files"])
-    except (DataError, ValueError) as e:
-        raise SystemExit(f"error: {e}")
-    items = [ds[i] for i in range(min(64, len(ds)))]
-    save_grid(torch.stack([x for x, _ in items]), args.out)
+        summary = check_dataset(args.data, args.res, args.class_cond, args.skip_bad, progress=True)
+        print({k: v for k, v in summary.items() if k not in ("bad_files", "warnings")})
+        ds = ImageFolder(args.data, args.res, args.class_cond, args.skip_bad, summary["bad_files"])
+        items = [ds[i] for i in range(min(64, len(ds)))]
+        save_grid(torch.stack([x for x, _ in items]), args.out)
+    except Exception as e:
+        return error_exit_code(e)
     names = ds.class_names or ["-"]
     print(f"wrote {args.out}; labels row by row:")
     for r in range(0, len(items), 8):
         print("  " + " ".join(f"{names[y]:>8}" for _, y in items[r:r + 8]))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -35,21 +35,16 @@ batch size). Per-image seeds: image i draws z_1 and all its step noise from its 
 by seeds[i], so images do not depend on the batch size or the number of GPUs (bit-identical for a
 batch-independent network; a GPU generator gives other numbers than a CPU one for the same seed).
 
-The checkpoint API (find_checkpoints, load_checkpoint, strip_prefixes, build_model, load_model,
-find_latest_run) lives here because sampling is its first consumer; train.py's resume imports it.
-
 Run: `python sample.py` (newest run under ./runs -> a PNG grid), `python sample.py --help`,
-`torchrun --nproc_per_node=8 sample.py --ckpt RUN --num-images 50000 --out-dir DIR` (torchrun takes --n for
-an abbreviation of its own flags); test: `pytest tests/test_sample.py`.
+`torchrun --nproc_per_node=8 sample.py --ckpt RUN --num-images 50000 --out-dir DIR` (each rank draws every
+world-th seed); test: `pytest tests/test_sample.py`.
 """
 import argparse
 import dataclasses
-import importlib
-import os
 import re
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -58,7 +53,8 @@ import torch.distributed as dist
 from PIL import Image
 from tqdm import tqdm
 
-from data import save_grid, save_png, to_uint8
+from checkpoint import find_latest_run, load_model, setup_distributed
+from data import add_config_flags, config_from_args, error_exit_code, flag, save_grid, save_png, to_uint8
 from losses import x_from_v
 from schedules import Schedule, alpha_sigma
 
@@ -158,190 +154,37 @@ def sample(model, shape, logsnr_fn, steps: int, class_labels: torch.Tensor | Non
 
 
 # ----------------------------------------------------------------------------------------------------
-# Reading checkpoints (train.py writes them, this file and train.py's resume read them)
-# ----------------------------------------------------------------------------------------------------
-
-CKPT_PATTERN = re.compile(r"^ckpt_(\d+)\.pt$")       # RUN_DIR/ckpt_{step:08d}.pt
-REQUIRED_KEYS = ("step", "model_name", "model_config")
-PREFIXES = ("_orig_mod.", "module.")                  # torch.compile and DDP/DataParallel wrappers
-# model_name in a checkpoint -> (module, network class, config dataclass). Imported lazily, so this file
-# (and train.py's resume) works whichever model files exist.
-MODELS = {"unet": ("unet", "UNet", "UNetConfig"), "uvit": ("uvit", "UViT", "UViTConfig")}
-
-
-class CheckpointError(ValueError):
-    """A missing, corrupt or incompatible checkpoint, reported as one readable line."""
-
-
-def find_checkpoints(run_dir) -> list[Path]:
-    """The checkpoints ckpt_<step>.pt in run_dir, newest (largest step) first; [] if there are none or the
-    folder does not exist. Temp files of an interrupted save (ckpt_*.pt.tmp) never match."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in run_dir.iterdir()
-             if (m := CKPT_PATTERN.match(p.name)) and p.is_file()]
-    return [p for _, p in sorted(found, key=lambda sp: sp[0], reverse=True)]
-
-
-def _load_one(path: Path, map_location) -> dict:
-    """torch.load one file safely (weights_only: plain tensors and primitives, no code execution) and
-    check it is one of our checkpoints. Any failure becomes a CheckpointError naming the file."""
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # truncated zip, not a torch file, pickled objects outside the allowlist ...
-        raise CheckpointError(f"{path}: cannot read checkpoint: truncated, corrupt, or not written by train.py "
-                              f"({type(e).__name__})") from e
-    if not isinstance(ckpt, dict) or any(k not in ckpt for k in REQUIRED_KEYS):
-        have = sorted(ckpt) if isinstance(ckpt, dict) else type(ckpt).__name__
-        raise CheckpointError(f"{path}: not a simple-diffusion checkpoint (needs keys {', '.join(REQUIRED_KEYS)}; "
-                              f"has {have})")
-    return ckpt
-
-
-def load_checkpoint(path_or_dir, map_location="cpu") -> dict:
-    """Load a checkpoint dict. A folder means its newest checkpoint that loads: a corrupt or truncated
-    newer file (e.g. a crash mid-copy) is skipped with a warning on stderr. An explicit file that is
-    missing or corrupt is an error, because the user asked for exactly that file."""
-    path = Path(path_or_dir)
-    if path.is_dir():
-        ckpts = find_checkpoints(path)
-        if not ckpts:
-            raise CheckpointError(f"{path}: no checkpoints (ckpt_<step>.pt) in this folder; "
-                                  f"train one with `python train.py --run-dir {path}` or pass a checkpoint file")
-        for p in ckpts:
-            try:
-                return _load_one(p, map_location)
-            except CheckpointError as e:
-                print(f"warning: skipping {e}", file=sys.stderr)
-        raise CheckpointError(f"{path}: none of the {len(ckpts)} checkpoints loads (see the warnings above)")
-    if not path.exists():
-        raise CheckpointError(f"{path}: no such checkpoint file or run folder")
-    return _load_one(path, map_location)
-
-
-def strip_prefixes(state_dict: dict) -> dict:
-    """Remove the "_orig_mod." (torch.compile) and "module." (DDP) prefixes, in any combination, that a
-    wrapped model's state_dict carries, so the raw module loads it strictly."""
-    out = {}
-    for key, value in state_dict.items():
-        while key.startswith(PREFIXES):
-            key = key.split(".", 1)[1]
-        out[key] = value
-    return out
-
-
-def build_model(model_name: str, model_config: dict) -> torch.nn.Module:
-    """A fresh network from a checkpoint's model_name and model_config (asdict of UNetConfig/UViTConfig).
-    Lists come back as tuples where the config field is a tuple; unknown fields are an error (a
-    checkpoint from a different version of the model file)."""
-    if model_name not in MODELS:
-        raise CheckpointError(f"unknown model_name {model_name!r} in checkpoint; known: {', '.join(MODELS)}")
-    module_name, model_cls, config_cls = MODELS[model_name]
-    module = importlib.import_module(module_name)
-    config_cls = getattr(module, config_cls)
-    unknown = sorted(set(model_config) - {f.name for f in dataclasses.fields(config_cls)})
-    if unknown:
-        raise CheckpointError(f"checkpoint model_config has fields {unknown} that {module_name}.py's "
-                              f"{config_cls.__name__} does not know; was it written by another version?")
-    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in model_config.items()}
-    return getattr(module, model_cls)(config_cls(**kwargs))
-
-
-def load_model(path_or_dir, weights: str = "ema", device="cpu") -> tuple[torch.nn.Module, dict]:
-    """(model in eval mode on `device`, checkpoint dict) from a checkpoint file or run folder.
-    weights="ema" (the default; what the paper samples from) or "raw" (the optimiser's weights)."""
-    if weights not in ("ema", "raw"):
-        raise ValueError(f"weights must be 'ema' or 'raw', got {weights!r}")
-    ckpt = load_checkpoint(path_or_dir)
-    key = "ema" if weights == "ema" else "model"
-    if ckpt.get(key) is None:
-        raise CheckpointError(f"checkpoint at step {ckpt['step']} has no {key!r} weights; "
-                              f"use --weights {'raw' if key == 'ema' else 'ema'}")
-    model = build_model(ckpt["model_name"], ckpt["model_config"])
-    missing, unexpected = model.load_state_dict(strip_prefixes(ckpt[key]), strict=False)
-    if missing or unexpected:
-        raise CheckpointError(f"{key} weights do not match {ckpt['model_name']} built from the checkpoint's config: "
-                              f"missing {missing[:3]}{'...' if len(missing) > 3 else ''}, "
-                              f"unexpected {unexpected[:3]}{'...' if len(unexpected) > 3 else ''}")
-    return model.to(device).eval(), ckpt
-
-
-def find_latest_run(root="runs") -> Path:
-    """The run folder under root (or root itself) whose newest checkpoint was written last: what
-    `python sample.py` samples from when no --ckpt is given."""
-    root = Path(root)
-    folders = [root] + sorted(root.iterdir()) if root.is_dir() else []
-    candidates = [d for d in folders if d.is_dir() and find_checkpoints(d)]
-    if not candidates:
-        raise CheckpointError(f"no run with checkpoints under {root}/; train one with `python train.py` "
-                              f"or pass --ckpt RUN_DIR_OR_FILE")
-    return max(candidates, key=lambda d: find_checkpoints(d)[0].stat().st_mtime)
-
-
-# ----------------------------------------------------------------------------------------------------
 # Command line: python sample.py [--ckpt RUN_DIR_OR_FILE] [--out grid.png] [--out-dir DIR] ...
 # ----------------------------------------------------------------------------------------------------
 
 @dataclass
 class SampleConfig:
-    ckpt: str = field(default="", metadata={"help": "checkpoint file or run folder (its newest valid checkpoint); "
-                                                    "default: the newest run under ./runs"})
-    n: int = field(default=64, metadata={"aliases": ("--num-images",), "help": "number of images (seeds seed .. "
-                                         "seed + n - 1); under torchrun spell it --num-images (torchrun "
-                                         "rejects --n as an abbreviation of its own flags)"})
-    steps: int = field(default=256, metadata={"help": "ancestral sampling steps"})
-    batch_size: int = field(default=64, metadata={"help": "images per forward pass (per GPU)"})
-    guidance: float = field(default=0.0, metadata={"help": "classifier-free guidance weight w (0 = none)"})
-    guidance_interval: tuple = field(default=(0.0, 1.0), metadata={
-        "help": "T_LO T_HI: apply guidance only for t in [T_LO, T_HI]", "metavar": ("T_LO", "T_HI")})
-    class_label: str = field(default="", metadata={
-        "flag": "--class", "help": "class index or class folder name (default: seed %% num_classes)"})
-    seed: int = field(default=0, metadata={"help": "first seed; image i uses seed + i"})
-    out: str = field(default="", metadata={"help": "PNG grid path (default: RUN_DIR/sample_<step>.png "
-                                                   "when --out-dir is not given)"})
-    out_dir: str = field(default="", metadata={"help": "folder for one PNG per image, named <seed>.png"})
-    resume: bool = field(default=False, metadata={"help": "--out-dir: skip seeds whose PNG already exists"})
-    overwrite: bool = field(default=False, metadata={"help": "--out-dir: rewrite seeds whose PNG exists"})
-    weights: str = field(default="ema", metadata={"help": "ema or raw", "choices": ("ema", "raw")})
-    res: int = field(default=0, metadata={"help": "must equal the checkpoint's resolution (0 = the checkpoint's)"})
-    clip_x: bool = field(default=True, metadata={"help": "clip x_pred to [-1, 1] at every step"})
-    bf16: bool = field(default=True, metadata={"help": "bf16 autocast for the network on CUDA (ignored on CPU)"})
-    device: str = field(default="", metadata={"help": "cpu, cuda, cuda:1, ... (default: cuda:LOCAL_RANK if any)"})
+    ckpt: str = flag("", "checkpoint file or run folder (its newest valid checkpoint); default: the newest run "
+                         "under ./runs")
+    num_images: int = flag(64, "number of images (seeds seed .. seed + num_images - 1)")
+    steps: int = flag(256, "ancestral sampling steps")
+    batch_size: int = flag(64, "images per forward pass (per GPU)")
+    guidance: float = flag(0.0, "classifier-free guidance weight w (0 = none)")
+    guidance_interval: tuple = flag((0.0, 1.0), "T_LO T_HI: apply guidance only for t in [T_LO, T_HI]",
+                                    metavar=("T_LO", "T_HI"))
+    class_label: str = flag("", "class index or class folder name (default: seed % num_classes)", name="--class")
+    seed: int = flag(0, "first seed; image i uses seed + i")
+    out: str = flag("", "PNG grid path (default: RUN_DIR/sample_<step>.png when --out-dir is not given)")
+    out_dir: str = flag("", "folder for one PNG per image, named <seed>.png")
+    resume: bool = flag(False, "--out-dir: skip seeds whose PNG already exists")
+    overwrite: bool = flag(False, "--out-dir: rewrite seeds whose PNG exists")
+    weights: str = flag("ema", "ema or raw", choices=("ema", "raw"))
+    res: int = flag(0, "must equal the checkpoint's resolution (0 = the checkpoint's)")
+    clip_x: bool = flag(True, "clip x_pred to [-1, 1] at every step")
+    bf16: bool = flag(True, "bf16 autocast for the network on CUDA (ignored on CPU)")
+    device: str = flag("", "cpu, cuda, cuda:1, ... (default: cuda:LOCAL_RANK if any)")
 
 
 def parse_config(argv=None) -> SampleConfig:
-    """The argparse CLI generated from SampleConfig's fields: --field-name, type from the default."""
     parser = argparse.ArgumentParser(description="Sample images from a simple-diffusion checkpoint "
                                      "(ancestral DDPM, optional classifier-free guidance).")
-    for f in dataclasses.fields(SampleConfig):
-        meta = dict(f.metadata)
-        flags = (meta.pop("flag", "--" + f.name.replace("_", "-")), *meta.pop("aliases", ()))
-        if isinstance(f.default, bool):  # default-on switches get a --no-... form
-            action = argparse.BooleanOptionalAction if f.default else "store_true"
-            parser.add_argument(*flags, dest=f.name, default=f.default, action=action, **meta)
-        elif isinstance(f.default, tuple):
-            parser.add_argument(*flags, dest=f.name, default=f.default, type=type(f.default[0]),
-                                nargs=len(f.default), **meta)
-        else:
-            parser.add_argument(*flags, dest=f.name, default=f.default, type=type(f.default), **meta)
-    args = parser.parse_args(argv)
-    return SampleConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in vars(args).items()})
-
-
-def setup_distributed(device: str):
-    """(rank, world_size, device). Under torchrun (RANK set) join the process group: NCCL on GPUs,
-    gloo on CPU. Plain `python sample.py` is rank 0 of 1."""
-    if "RANK" not in os.environ:
-        return 0, 1, torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if not device and torch.cuda.is_available():
-        device = f"cuda:{local_rank}"
-    device = torch.device(device or "cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return dist.get_rank(), dist.get_world_size(), device
+    add_config_flags(parser, SampleConfig)
+    return config_from_args(SampleConfig, vars(parser.parse_args(argv)))
 
 
 def resolve_class(spec: str, num_classes: int, class_names) -> int | None:
@@ -363,8 +206,8 @@ def check_config(cfg: SampleConfig) -> None:
     """Errors that need no checkpoint: fail before loading anything."""
     if cfg.steps < 1:
         raise ValueError(f"--steps {cfg.steps}: need at least 1 sampling step")
-    if cfg.n < 1 or cfg.batch_size < 1:
-        raise ValueError(f"--n {cfg.n} --batch-size {cfg.batch_size}: both must be >= 1")
+    if cfg.num_images < 1 or cfg.batch_size < 1:
+        raise ValueError(f"--num-images {cfg.num_images} --batch-size {cfg.batch_size}: both must be >= 1")
     lo, hi = cfg.guidance_interval
     if not 0.0 <= lo <= hi <= 1.0:
         raise ValueError(f"--guidance-interval {lo} {hi}: need 0 <= T_LO <= T_HI <= 1")
@@ -415,7 +258,7 @@ def run(cfg: SampleConfig, rank: int, world: int, device: torch.device) -> None:
     # 2. Seeds: seed + i for image i; rank r takes every world-th one, so each seed is made exactly once
     # for any n, batch size and number of GPUs. --resume drops seeds whose PNG exists (renamed into place,
     # so complete) -- each rank checks only its own seeds, so ranks never race on the listing.
-    seeds = list(range(cfg.seed, cfg.seed + cfg.n))
+    seeds = list(range(cfg.seed, cfg.seed + cfg.num_images))
     mine = seeds[rank::world]
     png = (lambda s: Path(cfg.out_dir) / f"{s:06d}.png") if cfg.out_dir else None
     todo = [s for s in mine if not (cfg.resume and png(s).exists())]
@@ -468,21 +311,17 @@ def run(cfg: SampleConfig, rank: int, world: int, device: torch.device) -> None:
     if cfg.out_dir:
         log(f"PNGs of seeds {seeds[0]}..{seeds[-1]} are in {cfg.out_dir}")
     if grid_path:
-        log(f"wrote grid of {cfg.n} images to {grid_path}")
+        log(f"wrote grid of {cfg.num_images} images to {grid_path}")
 
 
 def main(argv=None) -> int:
-    """CLI entry: bad inputs print one `error: ...` line and return 2; I/O failures return 1."""
+    """CLI entry: bad inputs print one `error: ...` line and return 2; other failures (I/O) return 1."""
     cfg = parse_config(argv)
-    rank, world, device = setup_distributed(cfg.device)
+    rank, world, device = setup_distributed(cfg.device, timeout_minutes=30)
     try:
         run(cfg, rank, world, device)
-    except ValueError as e:  # includes CheckpointError
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    except (ValueError, OSError) as e:  # ValueError includes CheckpointError
+        return error_exit_code(e, print_error=rank == 0 or not isinstance(e, ValueError))
     finally:
         if world > 1:
             dist.destroy_process_group()

@@ -1,39 +1,36 @@
 """
 Training: one script, from `python train.py` on a 2-core CPU to `torchrun` on many GPUs.
 
-The idea. Training a diffusion model is a loop of regressions (losses.py): take a batch of images, give
-each a random noise level t, noise it, ask the network for v and score it with the eps-MSE. Everything
-else here is plumbing that must not change that answer. The same command runs as one process or as N
-torchrun processes (each rank trains on its own shard of the data with its own noise; DDP averages the
-gradients), and it survives being stopped: SIGTERM/Ctrl-C saves and exits 0, kill -9 loses at most
---ckpt-every steps, and rerunning the same command resumes. On CPU the resumed run is bit-identical to an
-uninterrupted one, because data order, flips, noise, label dropout and network dropout all come from
-generators whose state is in the checkpoint. Samples come from an EMA of the weights.
+The idea. Training a diffusion model is a loop of regressions (losses.py): take a batch of clean images,
+give each a random time t, noise it to z_t, ask the network for v and score it. Everything else in this
+file exists so that the loop gives the same answer however it is run: as one process or N torchrun
+processes (each rank trains on its own slice of every global batch with its own noise; DDP averages the
+gradients), stopped and resumed (SIGTERM/Ctrl-C saves at the next step and exits 0; running the same
+command again resumes, bit-identically on a CPU, because every random draw comes from a generator whose
+state is checkpointed), and with gradient accumulation. Samples come from an EMA of the weights.
 
-What simple diffusion itself asks of training (Sec. 3): the shifted schedule for the resolution (Eq. 5,
---schedule shifted, --noise-d 64), the multiscale loss from 256 up (Sec. 3.2, --multiscale), big
-batches. Per optimizer step, with G = --batch-size (global) and n = step:
-    lr_n      = lr * min(1, (n + 1) / warmup, (N - n) / (f N))           warm-up, constant, linear decay
-    x         = G images of the epoch's permutation, split into world_size x grad_accum micro-batches
-    loss      = mean over G of L_eps (or L_multi / the sigmoid weighting), labels dropped w.p. p_uncond
+What simple diffusion asks of training (Sec. 3): the schedule shifted for the resolution (Eq. 5,
+--schedule shifted, --noise-d 64), the multiscale loss from 256 px up (Sec. 3.2, --multiscale), large
+batches. One optimizer step n, with G = --batch-size (global) and N = --steps:
+    lr_n      = lr * min(1, (n + 1) / warmup, (N - n) / (f N))         warm-up, constant, linear decay
+    x         = G images of the epoch's permutation, cut into world_size x grad_accum micro-batches
+    loss      = mean over the G images of L_eps (or L_multi, or the sigmoid weighting), labels -> null w.p. p
     theta     <- AdamW(theta, clip(grad loss, grad_clip), lr_n)       skipped if loss or grad is not finite
     theta_ema <- lerp(theta_ema, theta, 1 - beta_n),  beta_n = min(ema_decay, (1 + n) / (10 + n))
 
-Symbols: theta -> model, theta_ema -> ema, G -> batch_size, p_uncond -> label_dropout, beta -> decay,
-         N -> steps, f -> cooldown.
+Symbols: theta -> model, theta_ema -> ema, G -> batch_size, p -> label_dropout, beta -> decay, N -> steps,
+         f -> cooldown, t -> t, eps -> eps.
 
-Choices and deviations (the paper gives no optimiser settings): AdamW (beta2 0.99, no weight decay); a
-warm-up-stable-decay LR whose decay over the last third of the run visibly cleaned up the demo's shapes
-(a constant LR leaves noise in the weights that the EMA does not remove in a short run); the paper-scale
-rows keep a constant LR (--cooldown 0), so a finished run can be extended with a larger --steps and
-resume exactly (with a cooldown, a larger --steps moves the decay); the (1 + n) / (10 + n) EMA warm-up,
-so short runs have a usable EMA; gradient clipping at 1; label dropout 0.1. A skipped (non-finite) step
-still counts towards --steps and uses up its batch. The defaults (no flags) are the CPU demo of
-cpu-demo.md, tuned by measurement: built-in scenes, 32x32, the "small" U-Net, the shape kind as class
-label (grids guided with w = 1), batch 32, lr 4e-3, 2000 steps (about 10 minutes on a slow 2-core CPU),
-and SiD2's sigmoid weighting (b = 3.4), which drew visibly crisper shapes than the eps loss for the same
-compute; the paper-scale rows of TRAIN_PRESETS keep the eps loss. With the LR decay, lr 4e-3 drew as many
-recognisable shapes in 2250 steps as 2e-3 did in 4500 (README, "The CPU demo").
+Choices (the paper gives no optimiser settings; every number in TRAIN_PRESETS is ours):
+- AdamW with beta2 0.99 and no weight decay; gradient clipping at 1; label dropout 0.1 (classifier-free
+  guidance needs the unconditional model too).
+- The EMA warm-up (1 + n) / (10 + n), so short runs already sample from a usable average.
+- The LR decays linearly over the last third of the CPU demo (a constant LR leaves noise in the weights
+  that a short EMA does not remove); paper-scale rows keep it constant, so a run can be extended with a
+  larger --steps and still resume exactly.
+- A skipped (non-finite) step still counts towards --steps and uses up its batch; five in a row stop.
+- The CPU demo (no flags): built-in scenes at 32x32, the "small" U-Net, the shape kind as class label,
+  batch 32, lr 4e-3, 2000 steps, SiD2's sigmoid weighting; README "The CPU demo" shows what it draws.
 
 Run:  python train.py                      (the CPU demo; the same command again resumes)
       torchrun --nproc_per_node=8 train.py --res 256 --data DIR
@@ -44,15 +41,12 @@ import contextlib
 import copy
 import dataclasses
 import hashlib
-import importlib
 import json
 import math
-import os
 import signal
 import sys
 import time
-from dataclasses import asdict, dataclass, field
-from datetime import timedelta
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -62,74 +56,71 @@ from tqdm import tqdm
 
 import data
 import losses
-import sample as sampling
+from checkpoint import (MODELS, CheckpointError, broadcast_object, build_model, checkpoint_step, find_checkpoints,
+                        gather_objects, is_dist, load_checkpoint, restore_training_state, save_checkpoint,
+                        setup_distributed, training_state)
+from data import flag
+from sample import sample
 from schedules import SCHEDULES, get_schedule
 
-MODELS = ("unet", "uvit")  # model file = model name; imported when used (importlib), like sample.py does
 MAX_BAD_STEPS = 5          # non-finite steps in a row before we give up
 # Fields that may change when a run is resumed: they do not change what is being trained.
 RUNTIME_FIELDS = ("steps", "run_dir", "resume", "compile", "precision", "num_workers", "log_every", "ckpt_every",
                   "sample_every", "sample_steps", "num_samples", "sample_guidance", "skip_bad_images")
 
 
-def opt(default, help, **kw):
-    """A dataclass field that carries its --help text (and argparse choices) for the generated CLI."""
-    return field(default=default, metadata=dict(help=help, **kw))
-
-
 @dataclass
 class TrainConfig:
     # what to train
-    res: int = opt(32, "image size in pixels; with --model picks the row of TRAIN_PRESETS")
-    model: str = opt("unet", "network family (unet.py or uvit.py)", choices=MODELS)
-    preset: str = opt("", "model preset (PRESETS in unet.py / uvit.py); '' = chosen by --model and --res")
-    data: str = opt("", "folder of images, searched recursively; '' = the built-in procedural scenes")
-    num_scenes: int = opt(10000, "number of built-in scenes (ignored with --data)")
-    class_cond: bool | None = opt(None, "class-conditional: labels from first-level sub-folders or the scenes' "
-                                        "shape kind; default: on for the built-in scenes, off with --data")
-    label_dropout: float = opt(0.1, "probability of training on the null label (classifier-free guidance)")
-    flip: bool = opt(True, "random horizontal flips")
-    skip_bad_images: bool = opt(False, "skip unreadable images with a warning instead of stopping")
-    num_workers: int = opt(0, "DataLoader worker processes per rank")
+    res: int = flag(32, "image size in pixels; with --model picks the row of TRAIN_PRESETS")
+    model: str = flag("unet", "network family (unet.py or uvit.py)", choices=tuple(MODELS))
+    preset: str = flag("", "model preset (PRESETS in unet.py / uvit.py); '' = chosen by --model and --res")
+    data: str = flag("", "folder of images, searched recursively; '' = the built-in procedural scenes")
+    num_scenes: int = flag(10000, "number of built-in scenes (ignored with --data)")
+    class_cond: bool | None = flag(None, "class-conditional: labels from first-level sub-folders or the scenes' "
+                                         "shape kind; default: on for the built-in scenes, off with --data")
+    label_dropout: float = flag(0.1, "probability of training on the null label (classifier-free guidance)")
+    flip: bool = flag(True, "random horizontal flips")
+    skip_bad_images: bool = flag(False, "skip unreadable images with a warning instead of stopping")
+    num_workers: int = flag(0, "DataLoader worker processes per rank")
     # objective (losses.py, schedules.py)
-    schedule: str = opt("shifted", "logSNR schedule", choices=SCHEDULES)
-    noise_d: int = opt(64, "reference resolution of the shifted schedule (Sec. 3.1)")
-    multiscale: bool = opt(False, "multiscale loss (Sec. 3.2)")
-    weighting: str = opt("sigmoid", "loss weighting: the paper's eps-MSE or SiD2's sigmoid",
-                         choices=("eps", "sigmoid"))
-    sigmoid_bias: float = opt(3.4, "bias b of the sigmoid weighting (3.4 = 2 + 2 log(64/32): SiD2's 64 px "
-                                   "value shifted like the schedule)")
+    schedule: str = flag("shifted", "logSNR schedule", choices=SCHEDULES)
+    noise_d: int = flag(64, "reference resolution of the shifted schedule (Sec. 3.1)")
+    multiscale: bool = flag(False, "multiscale loss (Sec. 3.2)")
+    weighting: str = flag("sigmoid", "loss weighting: the paper's eps-MSE or SiD2's sigmoid", choices=("eps", "sigmoid"))
+    sigmoid_bias: float = flag(3.4, "bias b of the sigmoid weighting (losses.py)")
+    low_discrepancy: bool = flag(False, "draw the batch's t on an evenly spaced grid with one random offset (VDM)")
     # optimisation
-    steps: int = opt(2000, "total optimizer steps (raise it to extend a finished run)")
-    batch_size: int = opt(32, "global batch: images per optimizer step, summed over ranks and micro-steps")
-    grad_accum: int = opt(1, "micro-steps (gradient accumulation) per optimizer step")
-    lr: float = opt(4e-3, "peak learning rate (AdamW)")
-    warmup: int = opt(100, "linear learning-rate warm-up, in steps")
-    cooldown: float = opt(1 / 3, "fraction of --steps at the end over which the LR falls linearly to 0 "
-                                 "(0 = constant to the end)")
-    weight_decay: float = opt(0.0, "AdamW weight decay")
-    beta2: float = opt(0.99, "AdamW beta2")
-    grad_clip: float = opt(1.0, "clip the global gradient norm to this (0 = no clipping)")
-    ema_decay: float = opt(0.999, "EMA decay per step (sampling uses the EMA weights)")
-    grad_checkpointing: bool = opt(False, "activation checkpointing: less memory, about a third slower")
+    steps: int = flag(2000, "total optimizer steps (raise it to extend a finished run)")
+    batch_size: int = flag(32, "global batch: images per optimizer step, summed over ranks and micro-steps")
+    grad_accum: int = flag(1, "micro-steps (gradient accumulation) per optimizer step")
+    lr: float = flag(4e-3, "peak learning rate (AdamW)")
+    warmup: int = flag(100, "linear learning-rate warm-up, in steps")
+    cooldown: float = flag(1 / 3, "fraction of --steps at the end over which the LR falls linearly to 0 "
+                                  "(0 = constant to the end)")
+    weight_decay: float = flag(0.0, "AdamW weight decay")
+    beta2: float = flag(0.99, "AdamW beta2")
+    grad_clip: float = flag(1.0, "clip the global gradient norm to this (0 = no clipping)")
+    ema_decay: float = flag(0.999, "EMA decay per step (sampling uses the EMA weights)")
+    grad_checkpointing: bool = flag(False, "activation checkpointing: less memory, about a third slower")
     # run
-    run_dir: str = opt("", "output folder; '' = runs/<model>-<res>")
-    resume: str = opt("", "resume from this checkpoint file (default: the newest in the run folder)")
-    seed: int = opt(0, "seed of initialisation, data order and noise")
-    compile: bool | None = opt(None, "torch.compile the model (default: on for CUDA, off for CPU)")
-    precision: str = opt("auto", "auto = bf16 autocast on CUDA, fp32 on CPU", choices=("auto", "fp32", "bf16"))
-    log_every: int = opt(50, "steps between log lines")
-    ckpt_every: int = opt(500, "steps between checkpoints (0 = only at the end)")
-    sample_every: int = opt(1000, "steps between EMA sample grids (0 = only at the end)")
-    sample_steps: int = opt(64, "sampler steps for the grids")
-    num_samples: int = opt(64, "images per grid (fixed seeds 0..n-1)")
-    sample_guidance: float = opt(1.0, "classifier-free guidance weight w of the grids (class-conditional runs)")
+    run_dir: str = flag("", "output folder; '' = runs/<model>-<res>")
+    resume: str = flag("", "resume from this checkpoint file (default: the newest in the run folder)")
+    seed: int = flag(0, "seed of initialisation, data order and noise")
+    compile: bool | None = flag(None, "torch.compile the model (default: on for CUDA, off for CPU)")
+    precision: str = flag("auto", "auto = bf16 autocast on CUDA, fp32 on CPU", choices=("auto", "fp32", "bf16"))
+    log_every: int = flag(50, "steps between log lines")
+    ckpt_every: int = flag(500, "steps between checkpoints (0 = only at the end)")
+    sample_every: int = flag(1000, "steps between EMA sample grids (0 = only at the end)")
+    sample_steps: int = flag(64, "sampler steps for the grids")
+    num_samples: int = flag(64, "images per grid (fixed seeds 0..n-1)")
+    sample_guidance: float = flag(1.0, "classifier-free guidance weight w of the grids (class-conditional runs)")
 
 
-# Per (model, res): the model preset and the training numbers. Explicit flags override these; a res not
-# listed uses the nearest row. Paper-scale rows follow the paper where it is known (shifted schedule, eps
-# loss, multiscale from 256, batch 512) and common practice elsewhere (lr 1e-4, EMA 0.9999). The 32 px row
-# is the CPU demo, tuned by measurement (README): SiD2's sigmoid weighting gave crisper shapes there.
+# Per (model, res): the model preset and the training numbers; explicit flags override them, and a res
+# not listed uses the nearest row. All numbers are ours (the paper publishes none): the paper-scale rows
+# take common large-scale practice (lr 1e-4, EMA 0.9999, batch 512, 10k warm-up steps) with the paper's
+# recipe (shifted schedule, eps loss, multiscale from 256); the 32 px row is the CPU demo.
 _PAPER = dict(batch_size=512, lr=1e-4, warmup=10000, cooldown=0.0, ema_decay=0.9999, steps=500_000,
               weighting="eps", log_every=100, ckpt_every=5000, sample_every=5000, sample_steps=256, num_workers=8)
 _ROWS = {16: dict(preset="tiny", sigmoid_bias=4.8), 32: dict(preset="small"),   # 32 = the defaults
@@ -147,24 +138,7 @@ class TrainingAborted(RuntimeError):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Config and CLI
-# ----------------------------------------------------------------------------------------------------
-
-def build_parser() -> argparse.ArgumentParser:
-    """--flag per TrainConfig field. Defaults are SUPPRESSed so parse_args returns only what the user
-    typed: those override the preset row, which overrides the dataclass defaults."""
-    p = argparse.ArgumentParser(description="Train a simple-diffusion model (see the docstring of train.py).",
-                                argument_default=argparse.SUPPRESS)
-    for f in dataclasses.fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
-        row = "" if f.name in ("res", "model") else ", or the preset row"
-        help_ = f"{f.metadata['help']} (default: {f.default!r}{row})"
-        if f.type in (bool, bool | None):
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_)
-        else:
-            p.add_argument(flag, type=f.type, choices=f.metadata.get("choices"), help=help_)
-    return p
-
+# Config: dataclass defaults <- the preset row of (model, res) <- the flags typed
 
 def preset_row(model: str, res: int) -> dict:
     """The TRAIN_PRESETS row for (model, res), or the one with the nearest res (on a log scale)."""
@@ -174,12 +148,13 @@ def preset_row(model: str, res: int) -> dict:
 
 
 def resolve_config(argv=None) -> TrainConfig:
-    """dataclass defaults <- preset row of (model, res) <- explicit flags."""
-    explicit = vars(build_parser().parse_args(argv))
-    model, res = explicit.get("model", TrainConfig.model), explicit.get("res", TrainConfig.res)
-    cfg = dataclasses.replace(TrainConfig(), **{**preset_row(model, res), **explicit})
-    if not cfg.run_dir:
-        cfg.run_dir = f"runs/{cfg.model}-{cfg.res}"
+    parser = argparse.ArgumentParser(description="Train a simple-diffusion model (see the docstring of train.py). "
+                                     "Flags override the TRAIN_PRESETS row chosen by --model and --res.")
+    data.add_config_flags(parser, TrainConfig, typed_only=True)
+    typed = vars(parser.parse_args(argv))
+    model, res = typed.get("model", TrainConfig.model), typed.get("res", TrainConfig.res)
+    cfg = dataclasses.replace(TrainConfig(), **{**preset_row(model, res), **typed})
+    cfg.run_dir = cfg.run_dir or f"runs/{cfg.model}-{cfg.res}"
     if cfg.class_cond is None:   # the scenes' shape kind is a free label; a user's folder may have none
         cfg.class_cond = not cfg.data
     return cfg
@@ -197,12 +172,8 @@ def check_config(cfg: TrainConfig, world_size: int) -> None:
         raise ConfigError(f"--cooldown is a fraction of --steps and must lie in [0, 1], got {cfg.cooldown}")
     if not 0 <= cfg.label_dropout < 1 or not 0 <= cfg.ema_decay < 1 or not 0 < cfg.beta2 < 1:
         raise ConfigError("--label-dropout, --ema-decay and --beta2 must lie in [0, 1)")
-    module = importlib.import_module(cfg.model)
-    if cfg.preset not in module.PRESETS:
-        raise ConfigError(f"--preset {cfg.preset!r} is not a {cfg.model} preset; choose one of "
-                          f"{', '.join(module.PRESETS)}")
     with torch.device("meta"):   # the network's own checks (e.g. res vs down-sampling), no memory used
-        sampling.build_model(cfg.model, asdict(module.preset_config(cfg.preset, res=cfg.res)))
+        MODELS[cfg.model][0](model_config(cfg, num_classes=0))
     parts = world_size * cfg.grad_accum
     if cfg.batch_size % parts:
         lo, hi = cfg.batch_size // parts * parts, (cfg.batch_size // parts + 1) * parts
@@ -213,8 +184,18 @@ def check_config(cfg: TrainConfig, world_size: int) -> None:
         raise ConfigError(f"--resume {cfg.resume}: no such checkpoint file or run folder")
 
 
+def model_config(cfg: TrainConfig, num_classes: int):
+    """The network's config dataclass: the model preset at this run's resolution and number of classes."""
+    model_cls, _ = MODELS[cfg.model]
+    presets = sys.modules[model_cls.__module__].PRESETS
+    if cfg.preset not in presets:
+        raise ConfigError(f"--preset {cfg.preset!r} is not a {cfg.model} preset; choose one of {', '.join(presets)}")
+    return dataclasses.replace(presets[cfg.preset], res=cfg.res, num_classes=num_classes,
+                               grad_checkpointing=cfg.grad_checkpointing)
+
+
 def config_diff(old: dict, new: dict, prefix: str = "", ignore=()) -> list[str]:
-    """'name: old -> new' for every field that differs (lists and tuples compare equal)."""
+    """'name: old (checkpoint) vs new (now)' for every field that differs (lists equal tuples)."""
     norm = lambda v: tuple(v) if isinstance(v, (list, tuple)) else v  # noqa: E731
     return [f"{prefix}{k}: {old.get(k, '<absent>')!r} (checkpoint) vs {new.get(k, '<absent>')!r} (now)"
             for k in sorted(set(old) | set(new)) if k not in ignore and norm(old.get(k)) != norm(new.get(k))]
@@ -226,53 +207,28 @@ def derive_seed(*parts) -> int:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Distributed helpers (all no-ops in a single process)
-# ----------------------------------------------------------------------------------------------------
+# Data: the dataset, and the order of its images (a permutation per epoch, cut into ranks' slices)
 
-def setup_distributed() -> tuple[int, int, torch.device]:
-    """rank, world size, device. torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; plain python does not."""
-    cuda = torch.cuda.is_available()
-    if "RANK" not in os.environ:
-        return 0, 1, torch.device("cuda" if cuda else "cpu")
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
-    if cuda:
-        torch.cuda.set_device(device)
-    # A long timeout: rank 0 alone draws the sample grids while the others wait at the next collective.
-    dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(minutes=30),
-                            device_id=device if cuda else None)
-    return dist.get_rank(), dist.get_world_size(), device
+def build_dataset(cfg: TrainConfig, rank: int):
+    """(dataset of (x (3, res, res) in [-1, 1], label), class names or None). A folder is checked on rank 0
+    (every file decoded) and the verdict shared, so every rank fails or goes on together."""
+    if not cfg.data:
+        scenes = data.Scenes(cfg.num_scenes, cfg.res, class_cond=cfg.class_cond)   # cached uint8 tensor
+        data.check_batch(len(scenes), cfg.batch_size, f"the built-in dataset (--num-scenes {cfg.num_scenes})")
+        return scenes, scenes.class_names
+    verdict = None
+    if rank == 0:
+        try:
+            verdict = data.check_dataset(cfg.data, cfg.res, cfg.class_cond, cfg.skip_bad_images,
+                                         min_images=cfg.batch_size, progress=True)
+        except data.DataError as e:
+            verdict = str(e)
+    verdict = broadcast_object(verdict)
+    if isinstance(verdict, str):
+        raise data.DataError(verdict)
+    folder = data.ImageFolder(cfg.data, cfg.res, cfg.class_cond, cfg.skip_bad_images, verdict["bad_files"])
+    return folder, folder.class_names
 
-
-def is_dist() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
-def broadcast_object(obj):
-    """Rank 0's obj on every rank."""
-    box = [obj]
-    if is_dist():
-        dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def gather_objects(obj) -> list:
-    """[obj of rank 0, obj of rank 1, ...] on every rank."""
-    out = [obj] * (dist.get_world_size() if is_dist() else 1)
-    if is_dist():
-        dist.all_gather_object(out, obj)
-    return out
-
-
-def all_reduce(t: torch.Tensor, max_: bool = False) -> torch.Tensor:
-    if is_dist():
-        dist.all_reduce(t, op=dist.ReduceOp.MAX if max_ else dist.ReduceOp.SUM)
-    return t
-
-
-# ----------------------------------------------------------------------------------------------------
-# Data order: a permutation per (seed, epoch); one global batch per step, cut into rank/micro-step slices
-# ----------------------------------------------------------------------------------------------------
 
 def epoch_permutation(seed: int, epoch: int, n: int) -> torch.Tensor:
     return torch.randperm(n, generator=torch.Generator().manual_seed(derive_seed(seed, "data", epoch)))
@@ -286,8 +242,8 @@ def shard(global_batch: torch.Tensor, rank: int, world: int, accum: int) -> list
 
 
 class ShardSampler:
-    """Yields this rank's micro-batches of dataset indices forever, starting at a saved position
-    (epoch, batch); a DataLoader batch_sampler. The last incomplete batch of an epoch is dropped."""
+    """Yields this rank's micro-batches of dataset indices forever, from a saved position (epoch, batch);
+    a DataLoader batch_sampler. The last incomplete batch of an epoch is dropped."""
 
     def __init__(self, n, global_batch, accum, rank, world, seed, epoch=0, batch=0):
         self.n, self.g, self.accum, self.rank, self.world = n, global_batch, accum, rank, world
@@ -298,8 +254,8 @@ class ShardSampler:
         while True:
             perm = epoch_permutation(self.seed, epoch, self.n)
             for b in range(batch, self.n // self.g):
-                micro = shard(perm[b * self.g:(b + 1) * self.g], self.rank, self.world, self.accum)
-                yield from (idx.tolist() for idx in micro)
+                yield from (idx.tolist() for idx in shard(perm[b * self.g:(b + 1) * self.g], self.rank,
+                                                          self.world, self.accum))
             epoch, batch = epoch + 1, 0
 
 
@@ -307,15 +263,92 @@ def _worker_init(_):
     signal.signal(signal.SIGINT, signal.SIG_IGN)   # Ctrl-C is the main process's business (it saves)
 
 
+@dataclass
+class Position:
+    """Where the run is: optimizer steps taken, and the data position (epoch, batch within it)."""
+    step: int = 0
+    epoch: int = 0
+    batch: int = 0
+
+    def advance(self, batches_per_epoch: int) -> None:
+        self.step, self.batch = self.step + 1, self.batch + 1
+        if self.batch == batches_per_epoch:
+            self.epoch, self.batch = self.epoch + 1, 0
+
+
+class RandomStreams:
+    """Every random draw of training, per rank, from a generator whose state is checkpointed: t, eps and
+    label dropout (`noise`, on the device), flips (`flip`, CPU), network dropout (torch's global RNG)."""
+
+    def __init__(self, seed: int, rank: int, device: torch.device):
+        self.seed, self.rank, self.device = seed, rank, device
+        self.noise, self.flip = torch.Generator(device), torch.Generator()
+        self.reseed()
+
+    def reseed(self, *extra) -> None:
+        self.noise.manual_seed(derive_seed(self.seed, "noise", self.rank, *extra))
+        self.flip.manual_seed(derive_seed(self.seed, "flip", self.rank, *extra))
+        torch.manual_seed(derive_seed(self.seed, "dropout", self.rank, *extra))
+
+    def state(self) -> dict:
+        cuda = self.device.type == "cuda"
+        return {"noise": self.noise.get_state().cpu(), "flip": self.flip.get_state(),
+                "torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(self.device) if cuda else None}
+
+    def restore(self, saved: dict, step: int, log) -> None:
+        """This rank's states from a checkpoint's rng_state; written by another number of ranks or device
+        type, reseed from (seed, step) instead: the run goes on, but no longer bit-exactly."""
+        world = dist.get_world_size() if is_dist() else 1
+        if (saved["world_size"], saved["device"]) != (world, self.device.type):
+            log(f"warning: checkpoint written by {saved['world_size']} {saved['device']} ranks, now {world} "
+                f"{self.device.type}: random streams reseeded")
+            return self.reseed(step)
+        self.noise.set_state(saved["noise"][self.rank])
+        self.flip.set_state(saved["flip"][self.rank])
+        torch.set_rng_state(saved["torch"][self.rank])
+        if self.device.type == "cuda":
+            torch.cuda.set_rng_state(saved["cuda"][self.rank], self.device)
+
+
 # ----------------------------------------------------------------------------------------------------
-# EMA, learning rate, checkpoints, pictures
-# ----------------------------------------------------------------------------------------------------
+# One optimizer step, EMA, learning rate
+
+def draw_batch(loader, streams: RandomStreams, cfg: TrainConfig, num_classes: int, device) -> list[tuple]:
+    """This rank's micro-batches of one step with all their random draws: (x, labels, t, eps) each."""
+    micro = []
+    for _ in range(cfg.grad_accum):
+        x, labels = next(loader)                                             # (B, 3, res, res), (B,)
+        x = x.to(device, non_blocking=True)
+        x = data.hflip(x, streams.flip) if cfg.flip else x
+        t = losses.sample_t(x.shape[0], device, cfg.low_discrepancy, generator=streams.noise)   # (B,)
+        eps = torch.randn(x.shape, device=device, generator=streams.noise)                      # (B, 3, res, res)
+        labels = (losses.drop_labels(labels.to(device, non_blocking=True), cfg.label_dropout, num_classes,
+                                     streams.noise) if num_classes else None)
+        micro.append((x, labels, t, eps))
+    return micro
+
+
+def forward_backward(train_model, micro: list[tuple], schedule, cfg: TrainConfig, autocast) -> torch.Tensor:
+    """Accumulate the gradient of the step's mean loss over its micro-batches; returns the loss (on the
+    device). Under DDP the gradient all-reduce runs only with the last micro-batch's backward."""
+    step_loss = torch.zeros((), device=micro[0][0].device)
+    for m, (x, labels, t, eps) in enumerate(micro):
+        last = m == len(micro) - 1
+        with contextlib.nullcontext() if last or not isinstance(train_model, DDP) else train_model.no_sync():
+            with autocast:
+                loss = losses.diffusion_loss(train_model, x, schedule, labels, multiscale=cfg.multiscale,
+                                             weighting=cfg.weighting, sigmoid_bias=cfg.sigmoid_bias,
+                                             t=t, eps=eps).mean()
+            (loss / len(micro)).backward()
+        step_loss += loss.detach() / len(micro)
+    return step_loss
+
 
 @torch.no_grad()
 def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
-    """theta_ema <- theta_ema + (1 - decay) (theta - theta_ema); buffers are copied."""
-    for e, p in zip(ema.parameters(), model.parameters()):
-        e.lerp_(p.detach(), 1.0 - decay)
+    """theta_ema <- theta_ema + (1 - decay) (theta - theta_ema), all tensors in one fused call; buffers
+    (none in our networks) are copied."""
+    torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1.0 - decay)
     for e, b in zip(ema.buffers(), model.buffers()):
         e.copy_(b)
 
@@ -331,42 +364,167 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.lr * min(1.0, up, down)
 
 
-def save_checkpoint(run_dir: Path, state: dict, keep: int = 2) -> Path:
-    """Atomic write (temp file, fsync, os.replace), then delete all but the newest `keep`. A failure
-    (e.g. disk full) leaves the previous checkpoints untouched."""
-    path = run_dir / f"ckpt_{state['step']:08d}.pt"
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise TrainingAborted(f"{path}: could not write the checkpoint ({e}); the previous checkpoint is "
-                              f"intact; free disk space and rerun the same command to resume") from e
-    for old in sampling.find_checkpoints(run_dir)[keep:]:
-        old.unlink()
-    return path
+def all_reduce(t: torch.Tensor, op=None) -> torch.Tensor:
+    if is_dist():
+        dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
+    return t
 
 
-def checkpoint_step(path: Path) -> int:
-    return int(path.stem.split("_")[1])   # ckpt_00001234.pt -> 1234
+# ----------------------------------------------------------------------------------------------------
+# The run folder: resuming, checkpoints, sample grids, the log
+
+def checkpoint_to_resume(cfg: TrainConfig) -> tuple[dict | None, str | None]:
+    """(checkpoint, where it came from): --resume, else the run folder's newest loadable checkpoint, else
+    (None, None). A checkpoint of another run, or a --resume older than files already in the folder, is
+    refused before anything is written."""
+    found = find_checkpoints(cfg.run_dir)
+    src = cfg.resume or (cfg.run_dir if found else None)
+    if src is None:
+        return None, None
+    ckpt = load_checkpoint(src)
+    diff = config_diff(ckpt["config"], asdict(cfg), ignore=RUNTIME_FIELDS)
+    if diff:
+        raise ConfigError(f"{src} holds a checkpoint (step {ckpt['step']}) of a different run: {'; '.join(diff)}. "
+                          f"Rerun with the same flags to resume, or choose another --run-dir (nothing was "
+                          f"changed or deleted)")
+    newer = [p for p in found if checkpoint_step(p) > ckpt["step"]]
+    if newer and cfg.resume:
+        raise ConfigError(f"{cfg.run_dir} already holds {newer[0].name}, newer than --resume {cfg.resume} "
+                          f"(step {ckpt['step']}); pick another --run-dir so that nothing is overwritten")
+    return ckpt, src
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+def resume(ckpt: dict, src: str, model, ema, optimizer, streams: RandomStreams, num_images: int,
+           cfg: TrainConfig, log) -> Position:
+    """Put the live objects into the checkpoint's state; returns the position to continue from."""
+    diff = config_diff(ckpt["model_config"], asdict(model.config), "model_config.", ("grad_checkpointing",))
+    if diff:
+        raise ConfigError(f"{src}: the checkpoint's network differs from this run's: {'; '.join(diff)}; "
+                          f"choose another --run-dir")
+    restore_training_state(ckpt, model, ema, optimizer)
+    saved = ckpt["data_state"]
+    pos = Position(ckpt["step"], saved["epoch"], saved["batch"])
+    if saved["num_images"] != num_images:
+        log(f"warning: the data had {saved['num_images']} images and now has {num_images}; continuing in "
+            f"epoch {pos.epoch} with the new list")
+        pos.batch = min(pos.batch, num_images // cfg.batch_size - 1)
+    streams.restore(ckpt["rng_state"], pos.step, log)
+    log(f"resumed from {src} at step {pos.step}")
+    return pos
+
+
+def prepare_run_dir(cfg: TrainConfig, step: int, log) -> list[dict]:
+    """Rank 0, before training: set aside unreadable checkpoints newer than `step` (kept as .corrupt, never
+    overwritten), remove temp files of a killed save, write config.json, and cut log.jsonl back to `step`.
+    Returns the log records so far (for the loss curve)."""
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    for p in find_checkpoints(run_dir):
+        if checkpoint_step(p) > step and not cfg.resume:
+            p.rename(p.with_name(p.name + ".corrupt"))
+            log(f"warning: {p.name} could not be loaded; kept as {p.name}.corrupt")
+    for tmp in [*run_dir.glob("*.tmp*"), *run_dir.glob("samples/*.tmp*")]:
+        tmp.unlink()
+    write_text(run_dir / "config.json", json.dumps(asdict(cfg), indent=2) + "\n")
+    log_path = run_dir / "log.jsonl"
+    records = [json.loads(x) for x in log_path.read_text().splitlines()] if log_path.exists() else []
+    records = [r for r in records if r["step"] <= step]          # lines written after the checkpoint go
+    write_text(log_path, "".join(json.dumps(r) + "\n" for r in records))
+    return records
+
+
+def write_text(path: Path, text: str) -> None:
+    data.write_atomic(path, lambda f: f.write(text.encode()))
+
+
+def save(cfg: TrainConfig, pos: Position, model, ema, optimizer, streams: RandomStreams, schedule,
+         class_names, num_images: int, log) -> None:
+    """Collective: every rank contributes its random states; rank 0 checks the weights and writes; if
+    that fails, every rank stops (exit 1) with the previous checkpoint intact."""
+    rngs, error = gather_objects(streams.state()), None
+    if not is_dist() or dist.get_rank() == 0:
+        try:
+            bad = [k for k, v in model.state_dict().items() if v.is_floating_point() and not v.isfinite().all()]
+            if bad:
+                raise TrainingAborted(f"step {pos.step}: non-finite weights in {bad[:3]}; not saving them")
+            state = training_state(
+                step=pos.step, model_name=cfg.model, model=model, ema=ema, optimizer=optimizer, schedule=schedule,
+                config=cfg, class_names=class_names,
+                data_state={"epoch": pos.epoch, "batch": pos.batch, "num_images": num_images},
+                rng_state={"world_size": len(rngs), "device": streams.device.type,
+                           **{k: [r[k] for r in rngs] for k in rngs[0]}})
+            log(f"saved {save_checkpoint(cfg.run_dir, state)}")
+        except TrainingAborted as e:
+            error = str(e)
+        except OSError as e:
+            error = (f"could not write the checkpoint of step {pos.step} ({e}); the previous checkpoint is "
+                     f"intact; free disk space and rerun the same command to resume")
+    if error := broadcast_object(error):
+        raise TrainingAborted(error)
+
+
+def sample_grid(cfg: TrainConfig, step: int, ema, schedule, num_classes: int, autocast, records, log) -> None:
+    """Rank 0: EMA samples from the fixed seeds 0..num_samples-1 (class seed % num_classes, guided), and
+    the loss curve so far. Training's random streams are left untouched."""
+    if is_dist() and dist.get_rank() != 0:
+        return
+    device = next(ema.parameters()).device
+    labels = torch.arange(cfg.num_samples, device=device) % num_classes if num_classes else None
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), autocast:
+        images = sample(ema, (cfg.num_samples, 3, cfg.res, cfg.res), schedule, cfg.sample_steps,
+                        class_labels=labels, guidance=cfg.sample_guidance if num_classes else 0.0,
+                        seeds=range(cfg.num_samples), progress=False)
+    path = Path(cfg.run_dir) / "samples" / f"step_{step:08d}.png"
+    data.save_grid(images, path)
+    draw_loss_curve(records, Path(cfg.run_dir) / "loss_curve.png")
+    log(f"samples: {path}")
+
+
+class Meter:
+    """Loss and gradient norm summed on the device between log lines (no per-step host sync), then
+    averaged over steps and ranks in one all-reduce; writes a log line and a log.jsonl record."""
+
+    def __init__(self, device):
+        self.sums, self.count, self.t0 = torch.zeros(2, device=device), 0, time.time()
+
+    def add(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
+        self.sums += torch.stack([loss, grad_norm.float()])
+        self.count += 1
+
+    def flush(self, cfg: TrainConfig, pos: Position, lr: float, records: list, log, pbar) -> None:
+        sums = all_reduce(self.sums.clone())                         # the one sync of a logging step
+        world = dist.get_world_size() if is_dist() else 1
+        loss, gnorm = (sums / (world * max(self.count, 1))).tolist()
+        if records is not None and self.count:                       # rank 0 keeps the records
+            r = {"step": pos.step, "loss": loss, "lr": lr, "grad_norm": gnorm, "epoch": pos.epoch,
+                 "img_per_s": round(cfg.batch_size * self.count / (time.time() - self.t0), 1),
+                 "mem_gb": round(memory_gb(self.sums.device), 3), "time": round(time.time(), 1)}
+            records.append(r)
+            with open(Path(cfg.run_dir) / "log.jsonl", "a") as f:
+                f.write(json.dumps(r) + "\n")
+            pbar.set_postfix(loss=f"{loss:.4f}", img_s=f"{r['img_per_s']:.0f}")
+            log(f"step {pos.step:>7} | loss {loss:.4f} | lr {lr:.2e} | grad {gnorm:.3f} | "
+                f"{r['img_per_s']:.0f} img/s | mem {r['mem_gb']:.2f} GB")
+        self.sums.zero_()
+        self.count = 0
+
+    def restart_clock(self) -> None:
+        """img/s counts training only, not logging, saving or sampling."""
+        self.t0 = time.time()
+
+
+def memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20   # Linux reports kB
 
 
 def draw_loss_curve(records: list[dict], path: Path, size=(560, 320)) -> None:
     """Loss against step on a log axis: the logged values (light) and a centred moving average of
     about 1/20 of the run (dark, no lag), with round-number ticks; drawn with Pillow."""
     from PIL import Image, ImageDraw
-    pts = [(r["step"], math.log10(r["loss"])) for r in records
-           if r.get("loss", 0) > 0 and math.isfinite(r["loss"])]
+    pts = [(r["step"], math.log10(r["loss"])) for r in records if r.get("loss", 0) > 0 and math.isfinite(r["loss"])]
     if len(pts) < 2:
         return
     w, h, (l, r, t, b) = *size, (60, 15, 25, 35)
@@ -392,16 +550,7 @@ def draw_loss_curve(records: list[dict], path: Path, size=(560, 320)) -> None:
     d.line([(sx(s), sy(y)) for s, y in pts], fill=(170, 190, 230), width=1)
     d.line([(sx(s), sy(y)) for s, y in smooth], fill=(20, 60, 160), width=2)
     d.text((l, 5), "training loss (log scale) vs step", fill="black")
-    tmp = path.with_name(path.name + ".tmp.png")
-    img.save(tmp)
-    os.replace(tmp, path)
-
-
-def memory_gb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20   # Linux reports kB
+    data.write_atomic(path, lambda f: img.save(f, format="PNG"))
 
 
 class StopFlag:
@@ -421,298 +570,144 @@ class StopFlag:
               f"(Ctrl-C again aborts without saving)", file=sys.stderr, flush=True)
 
 
+def wrap_model(model, use_compile: bool, device: torch.device):
+    """The callable that trains: torch.compile's wrapper of the raw module (if asked), inside DDP when
+    there are several ranks. The raw module stays what is saved and averaged, so keys carry no prefixes."""
+    net = torch.compile(model) if use_compile else model
+    if not is_dist():
+        return net
+    return DDP(net, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True)
+
+
+def agree_on_step(loss: torch.Tensor, grad_norm: torch.Tensor, stop: StopFlag) -> tuple[bool, bool]:
+    """(skip this step, stop after it), decided alike on every rank with one tiny all-reduce: skip if any
+    rank saw a non-finite loss or gradient, stop if any rank was signalled."""
+    flags = torch.stack([~(loss.isfinite() & grad_norm.isfinite()), torch.tensor(stop.requested, device=loss.device)])
+    bad, stopping = all_reduce(flags.float(), dist.ReduceOp.MAX if is_dist() else None).tolist()
+    return bool(bad), bool(stopping)
+
+
 # ----------------------------------------------------------------------------------------------------
 # main: a linear script in numbered sections
-# ----------------------------------------------------------------------------------------------------
 
 def train(argv=None):
     """The whole run; returns the raw model and the EMA (for tests and notebooks)."""
-    # 1. Distributed setup and config. -----------------------------------------------------------------
-    stop = StopFlag()                   # installed first: a signal during start-up stops after step 1
+    # 1. Processes and config. A signal during start-up stops the run after its first step. -----------
+    stop = StopFlag()
     rank, world, device = setup_distributed()
     cfg = resolve_config(argv)
     check_config(cfg, world)
     log = (lambda msg: tqdm.write(msg, file=sys.stderr)) if rank == 0 else (lambda msg: None)
     cuda = device.type == "cuda"
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # Ampere+ fp32 speed
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True   # Ampere+ fp32 speed
     use_compile = cuda if cfg.compile is None else cfg.compile
     precision = ("bf16" if cuda else "fp32") if cfg.precision == "auto" else cfg.precision
     if precision == "bf16" and cuda and not torch.cuda.is_bf16_supported():
-        raise ConfigError(f"--precision bf16: this GPU ({torch.cuda.get_device_name(device)}) has no "
-                          f"bfloat16 support; use --precision fp32")
-    if precision == "bf16" and not cuda:
-        log("note: bf16 autocast on a CPU works but is usually slower than fp32")
+        raise ConfigError(f"--precision bf16: this GPU ({torch.cuda.get_device_name(device)}) has no bfloat16 "
+                          f"support; use --precision fp32")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
-    # 2. Output dir: the checkpoint to resume from; refuse one from a different run. Nothing written yet.
-    run_dir = Path(cfg.run_dir)
-    found = sampling.find_checkpoints(run_dir)
-    ckpt_src = cfg.resume or (str(run_dir) if found else None)
-    ckpt = sampling.load_checkpoint(ckpt_src) if ckpt_src else None   # a folder: newest that loads
-    if ckpt is not None:
-        diff = config_diff(ckpt["config"], asdict(cfg), ignore=RUNTIME_FIELDS)
-        if diff:
-            raise ConfigError(f"{ckpt_src} holds a checkpoint (step {ckpt['step']}) of a different run: "
-                              f"{'; '.join(diff)}. Rerun with the same flags to resume, or choose another "
-                              f"--run-dir (nothing was changed or deleted)")
-        newer = [p for p in found if checkpoint_step(p) > ckpt["step"]]
-        if newer and cfg.resume:
-            raise ConfigError(f"{run_dir} already holds {newer[0].name}, newer than --resume {cfg.resume} "
-                              f"(step {ckpt['step']}); pick another --run-dir so that nothing is overwritten")
+    # 2. What to resume from (rank 0 chooses for all); a folder of another run is refused. -------------
+    ckpt, ckpt_src = checkpoint_to_resume(cfg)
 
     # 3. Data. ----------------------------------------------------------------------------------------
     dataset, class_names = build_dataset(cfg, rank)
     n, num_classes = len(dataset), len(class_names) if cfg.class_cond else 0
 
-    # 4. Model and EMA: the same initialisation on every rank. -----------------------------------------
-    model_config = importlib.import_module(cfg.model).preset_config(
-        cfg.preset, res=cfg.res, num_classes=num_classes, grad_checkpointing=cfg.grad_checkpointing)
+    # 4. Model, EMA, schedule, optimizer: the same initialisation on every rank. -----------------------
     torch.manual_seed(cfg.seed)
-    model = sampling.build_model(cfg.model, asdict(model_config)).to(device)
+    model = MODELS[cfg.model][0](model_config(cfg, num_classes)).to(device)
     ema = copy.deepcopy(model).requires_grad_(False).eval()
     schedule = get_schedule(cfg.schedule, cfg.res, noise_d=cfg.noise_d)
-
-    # 5. Optimizer. -----------------------------------------------------------------------------------
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, cfg.beta2),
                                   weight_decay=cfg.weight_decay, **({"fused": True} if cuda else {}))
 
-    # 6. Resume, or start fresh. Per-rank random streams, all checkpointed: t, eps and label dropout
-    # (gen_noise, on the device), flips (gen_flip), network dropout (torch's global RNG). -----------------
-    gen_noise = torch.Generator(device).manual_seed(derive_seed(cfg.seed, "noise", rank))
-    gen_flip = torch.Generator().manual_seed(derive_seed(cfg.seed, "flip", rank))
-    torch.manual_seed(derive_seed(cfg.seed, "dropout", rank))
-    step, epoch, batch_in_epoch = 0, 0, 0
+    # 5. Resume, or start fresh; then the run folder (rank 0). ----------------------------------------
+    streams, pos = RandomStreams(cfg.seed, rank, device), Position()
     if ckpt is not None:
-        diff = config_diff(ckpt["model_config"], asdict(model_config), "model_config.", ("grad_checkpointing",))
-        if diff:
-            raise ConfigError(f"{ckpt_src}: the checkpoint's network differs from this run's: {'; '.join(diff)}; "
-                              f"choose another --run-dir")
-        model.load_state_dict(sampling.strip_prefixes(ckpt["model"]))
-        ema.load_state_dict(sampling.strip_prefixes(ckpt["ema"]))
-        optimizer.load_state_dict(ckpt["optimizer"])
-        step, epoch, batch_in_epoch = ckpt["step"], ckpt["data_state"]["epoch"], ckpt["data_state"]["batch"]
-        if ckpt["data_state"]["num_images"] != n:
-            log(f"warning: the data had {ckpt['data_state']['num_images']} images and now has {n}; "
-                f"continuing in epoch {epoch} with the new list")
-            batch_in_epoch = min(batch_in_epoch, n // cfg.batch_size - 1)
-        rng = ckpt["rng_state"]
-        if (rng["world_size"], rng["device"]) == (world, device.type):
-            gen_noise.set_state(rng["noise"][rank])
-            gen_flip.set_state(rng["flip"][rank])
-            torch.set_rng_state(rng["torch"][rank])
-            if cuda:
-                torch.cuda.set_rng_state(rng["cuda"][rank], device)
-        else:   # another number of ranks or device type: go on, but no longer bit-exactly
-            log(f"warning: checkpoint written by {rng['world_size']} {rng['device']} ranks, now {world} "
-                f"{device.type}: random streams reseeded")
-            gen_noise.manual_seed(derive_seed(cfg.seed, "noise", rank, step))
-            gen_flip.manual_seed(derive_seed(cfg.seed, "flip", rank, step))
-            torch.manual_seed(derive_seed(cfg.seed, "dropout", rank, step))
-        log(f"resumed from {ckpt_src} at step {step}")
+        pos = resume(ckpt, ckpt_src, model, ema, optimizer, streams, n, cfg, log)
         del ckpt
-    records = []   # the log so far, for the loss curve (rank 0)
-    if rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        for p in found:   # newer than what loaded, so unreadable: set aside (kept), not overwritten later
-            if checkpoint_step(p) > step and not cfg.resume:
-                p.rename(p.with_name(p.name + ".corrupt"))
-                log(f"warning: {p.name} could not be loaded; kept as {p.name}.corrupt")
-        for tmp in [*run_dir.glob("*.tmp*"), *run_dir.glob("samples/*.tmp*")]:   # left by a kill -9
-            tmp.unlink()
-        write_text_atomic(run_dir / "config.json", json.dumps(asdict(cfg), indent=2) + "\n")
-        log_path = run_dir / "log.jsonl"
-        records = [json.loads(x) for x in log_path.read_text().splitlines()] if log_path.exists() else []
-        records = [r for r in records if r["step"] <= step]   # lines written after the checkpoint go
-        write_text_atomic(log_path, "".join(json.dumps(r) + "\n" for r in records))
-        log("config: " + json.dumps(asdict(cfg)))
-        log(f"{cfg.model} preset {cfg.preset!r}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
-            f"parameters; {n} images; world size {world}; {device}; {precision}; run dir {run_dir}")
+    records = prepare_run_dir(cfg, pos.step, log) if rank == 0 else None
+    log("config: " + json.dumps(asdict(cfg)))
+    log(f"{cfg.model} preset {cfg.preset!r}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
+        f"parameters; {n} images; world size {world}; {device}; {precision}; run dir {cfg.run_dir}")
 
-    # 7. Compile in place, then DDP. `model` stays the raw module: saved, averaged into the EMA. --------
-    if use_compile:
-        try_compile(model, cfg, device, log)
-    train_model = DDP(model, device_ids=[device.index] if cuda else None,
-                      gradient_as_bucket_view=True) if world > 1 else model
-    micro = cfg.batch_size // (world * cfg.grad_accum)
+    # 6. The callable that trains (compiled, DDP) and the data loader from the saved position. ---------
+    if use_compile and world > 1 and cfg.grad_checkpointing:
+        torch._dynamo.config.optimize_ddp = False   # DDP's graph splitting rejects checkpointed regions
+    train_model = wrap_model(model, use_compile, device)
     loader = iter(torch.utils.data.DataLoader(
-        dataset, batch_sampler=ShardSampler(n, cfg.batch_size, cfg.grad_accum, rank, world, cfg.seed, epoch,
-                                            batch_in_epoch),
+        dataset, batch_sampler=ShardSampler(n, cfg.batch_size, cfg.grad_accum, rank, world, cfg.seed,
+                                            pos.epoch, pos.batch),
         num_workers=cfg.num_workers, pin_memory=cuda, worker_init_fn=_worker_init,
-        persistent_workers=cfg.num_workers > 0,
-        generator=torch.Generator()))   # its own generator: making the loader must not draw from torch's RNG
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+        persistent_workers=cfg.num_workers > 0, generator=torch.Generator()))   # not torch's global RNG
 
-    def save() -> None:
-        """Collective: every rank contributes its RNG states; rank 0 writes; all stop if that fails."""
-        rng = {"noise": gen_noise.get_state().cpu(), "flip": gen_flip.get_state(),
-               "torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if cuda else None}
-        rngs, error = gather_objects(rng), None
-        if rank == 0:
-            try:
-                bad = [k for k, v in model.state_dict().items()
-                       if v.is_floating_point() and not v.isfinite().all()]
-                if bad:
-                    raise TrainingAborted(f"step {step}: non-finite weights in {bad[:3]}; not saving them")
-                state = {"step": step, "model_name": cfg.model, "model_config": asdict(model_config),
-                         "model": model.state_dict(), "ema": ema.state_dict(),
-                         "optimizer": optimizer.state_dict(), "schedule": asdict(schedule), "config": asdict(cfg),
-                         "class_names": class_names,
-                         "data_state": {"epoch": epoch, "batch": batch_in_epoch, "num_images": n},
-                         "rng_state": {"world_size": world, "device": device.type,
-                                       **{k: [r[k] for r in rngs] for k in rng}}}
-                log(f"saved {save_checkpoint(run_dir, state)}")
-            except TrainingAborted as e:
-                error = str(e)
-        if error := broadcast_object(error):
-            raise TrainingAborted(error)
-
-    def sample_grid() -> None:
-        """EMA samples from fixed seeds 0..num_samples-1 (class seed % num_classes, guided), rank 0 only."""
-        if rank != 0:
-            return
-        labels = torch.arange(cfg.num_samples, device=device) % num_classes if num_classes else None
-        with torch.random.fork_rng(devices=[device] if cuda else []):   # leave the training RNG untouched
-            images = sampling.sample(ema, (cfg.num_samples, 3, cfg.res, cfg.res), schedule, cfg.sample_steps,
-                                     class_labels=labels, guidance=cfg.sample_guidance if num_classes else 0.0,
-                                     seeds=range(cfg.num_samples), progress=False)
-        sampling.save_grid(images, run_dir / "samples" / f"step_{step:08d}.png")
-        draw_loss_curve(records, run_dir / "loss_curve.png")
-        log(f"samples: {run_dir / 'samples' / f'step_{step:08d}.png'}")
-
-    # 8. The loop. ------------------------------------------------------------------------------------
+    # 7. The loop. ------------------------------------------------------------------------------------
     model.train()
-    start_step, last_saved, bad_steps, logged = step, step, 0, 0
-    loss_sum, gnorm_sum = torch.zeros((), device=device), torch.zeros((), device=device)
-    pbar = tqdm(total=cfg.steps, initial=step, disable=rank != 0, unit="step", dynamic_ncols=True)
-    t_log = time.time()
-    while step < cfg.steps:
-        lr = lr_at(step, cfg)
+    start, last_saved, bad_steps, meter = pos.step, pos.step, 0, Meter(device)
+    pbar = tqdm(total=cfg.steps, initial=pos.step, disable=rank != 0, unit="step", dynamic_ncols=True)
+    while pos.step < cfg.steps:
+        lr = lr_at(pos.step, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        step_loss = torch.zeros((), device=device)
-        for m in range(cfg.grad_accum):
-            x, labels = next(loader)                                   # (B, 3, res, res), (B,)
-            x = x.to(device, non_blocking=True)
-            x = data.hflip(x, gen_flip) if cfg.flip else x             # coin flips from the CPU generator
-            t = losses.sample_t(micro, device, generator=gen_noise)
-            eps = torch.randn(x.shape, device=device, generator=gen_noise)
-            labels = (losses.drop_labels(labels.to(device), cfg.label_dropout, num_classes, gen_noise)
-                      if num_classes else None)
-            # DDP all-reduces gradients during backward: skip that on all but the last micro-step.
-            last = m == cfg.grad_accum - 1
-            with contextlib.nullcontext() if world == 1 or last else train_model.no_sync():
-                with autocast:
-                    loss = losses.diffusion_loss(train_model, x, schedule, labels, multiscale=cfg.multiscale,
-                                                 weighting=cfg.weighting, sigmoid_bias=cfg.sigmoid_bias,
-                                                 t=t, eps=eps).mean()
-                (loss / cfg.grad_accum).backward()
-            step_loss += loss.detach() / cfg.grad_accum
+        micro = draw_batch(loader, streams, cfg, num_classes, device)
+        try:
+            loss = forward_backward(train_model, micro, schedule, cfg, autocast)
+        except Exception as e:   # torch.compile fails on the first call (no compiler, unsupported op ...)
+            if not use_compile or pos.step != start:
+                raise
+            log(f"warning: torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); training "
+                f"without it (pass --no-compile to skip this attempt)")
+            use_compile, train_model = False, wrap_model(model, False, device)
+            optimizer.zero_grad(set_to_none=True)
+            loss = forward_backward(train_model, micro, schedule, cfg, autocast)   # the same draws again
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
-        # One tiny all-reduce per step, so every rank decides alike: skip the step if any rank saw a
-        # non-finite loss or gradient; stop if any rank was signalled.
-        flags = torch.stack([~(step_loss.isfinite() & grad_norm.isfinite()),
-                             torch.tensor(stop.requested, device=device)]).float()
-        bad, stopping = all_reduce(flags, max_=True).tolist()
+        bad, stopping = agree_on_step(loss, grad_norm, stop)
         if bad:
             bad_steps += 1
-            log(f"warning: step {step}: non-finite loss or gradient; step skipped ({bad_steps} in a row)")
+            log(f"warning: step {pos.step}: non-finite loss or gradient; step skipped ({bad_steps} in a row)")
             if bad_steps >= MAX_BAD_STEPS:
-                raise TrainingAborted(f"step {step}: loss or gradient not finite for {bad_steps} steps in a "
+                raise TrainingAborted(f"step {pos.step}: loss or gradient not finite for {bad_steps} steps in a "
                                       f"row; stopping without saving (the last checkpoint is intact); try a "
                                       f"lower --lr or --precision fp32")
         else:
             optimizer.step()
-            ema_update(ema, model, ema_decay_at(step, cfg.ema_decay))
-            bad_steps, logged = 0, logged + 1
-            loss_sum += step_loss
-            gnorm_sum += grad_norm.float()
-        optimizer.zero_grad(set_to_none=True)
-        step, batch_in_epoch = step + 1, batch_in_epoch + 1
-        if batch_in_epoch == n // cfg.batch_size:
-            epoch, batch_in_epoch = epoch + 1, 0
+            ema_update(ema, model, ema_decay_at(pos.step, cfg.ema_decay))
+            bad_steps = 0
+            meter.add(loss, grad_norm)
+        optimizer.zero_grad(set_to_none=world == 1)   # under DDP the gradients are views of its buckets
+        pos.advance(n // cfg.batch_size)
         pbar.update(1)
 
-        if step % cfg.log_every == 0 or step == cfg.steps or stopping:
-            sums = all_reduce(torch.stack([loss_sum, gnorm_sum]))      # the one sync for logging
-            loss_avg, gnorm_avg = (sums / (world * max(logged, 1))).tolist()
-            if rank == 0 and logged:
-                r = {"step": step, "loss": loss_avg, "lr": lr, "grad_norm": gnorm_avg, "epoch": epoch,
-                     "img_per_s": round(cfg.batch_size * logged / (time.time() - t_log), 1),
-                     "mem_gb": round(memory_gb(device), 3), "time": round(time.time(), 1)}
-                records.append(r)
-                with open(run_dir / "log.jsonl", "a") as f:
-                    f.write(json.dumps(r) + "\n")
-                pbar.set_postfix(loss=f"{loss_avg:.4f}", img_s=f"{r['img_per_s']:.0f}")
-                log(f"step {step:>7} | loss {loss_avg:.4f} | lr {lr:.2e} | grad {gnorm_avg:.3f} | "
-                    f"{r['img_per_s']:.0f} img/s | mem {r['mem_gb']:.2f} GB")
-            loss_sum.zero_(), gnorm_sum.zero_()
-            logged = 0
-        if stopping or step == cfg.steps or (cfg.ckpt_every and step % cfg.ckpt_every == 0):
-            save()
-            last_saved = step
+        if pos.step % cfg.log_every == 0 or pos.step == cfg.steps or stopping:
+            meter.flush(cfg, pos, lr, records, log, pbar)
+        if stopping or pos.step == cfg.steps or (cfg.ckpt_every and pos.step % cfg.ckpt_every == 0):
+            save(cfg, pos, model, ema, optimizer, streams, schedule, class_names, n, log)
+            last_saved = pos.step
         if stopping:
             pbar.close()
-            log(f"stopped at step {step} by a signal; run the same command again to resume")
+            log(f"stopped at step {pos.step} by a signal; run the same command again to resume")
             return model, ema
-        if step == cfg.steps or (cfg.sample_every and step % cfg.sample_every == 0):
-            sample_grid()
-        if logged == 0:
-            t_log = time.time()   # img/s counts training only, not logging, saving or sampling
+        if pos.step == cfg.steps or (cfg.sample_every and pos.step % cfg.sample_every == 0):
+            sample_grid(cfg, pos.step, ema, schedule, num_classes, autocast, records, log)
+        if meter.count == 0:
+            meter.restart_clock()
 
-    # 9. Final save (a finished run started again arrives here at once: raise --steps to go on). -------
+    # 8. Final save (a finished run started again arrives here at once: raise --steps to go on). -------
     pbar.close()
-    if last_saved != step:
-        save()
-    log(f"done: step {step} of {cfg.steps} ({step - start_step} trained now); checkpoints, log.jsonl, "
-        f"samples/ and loss_curve.png are in {run_dir}")
+    if last_saved != pos.step:
+        save(cfg, pos, model, ema, optimizer, streams, schedule, class_names, n, log)
+    log(f"done: step {pos.step} of {cfg.steps} ({pos.step - start} trained now); checkpoints, log.jsonl, "
+        f"samples/ and loss_curve.png are in {cfg.run_dir}")
     return model, ema
 
 
-def try_compile(model: torch.nn.Module, cfg: TrainConfig, device: torch.device, log) -> None:
-    """Compile in place; compile errors surface on the first call, so make one forward/backward on
-    dummy inputs now (RNG state preserved) and fall back to eager with a warning if it fails."""
-    model.compile()
-    try:
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            z = torch.zeros(1, model.config.in_channels, cfg.res, cfg.res, device=device)
-            model(z, torch.zeros(1, device=device)).float().mean().backward()
-        model.zero_grad(set_to_none=True)
-        log("torch.compile: on")
-    except Exception as e:  # inductor needs a C++ compiler / Triton; many failure types
-        model._compiled_call_impl = None   # undo nn.Module.compile(): back to the eager forward
-        model.zero_grad(set_to_none=True)
-        log(f"warning: torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
-            f"training without it (pass --no-compile to skip this attempt)")
-
-
-def build_dataset(cfg: TrainConfig, rank: int):
-    """(dataset of (image (3, res, res) in [-1, 1], label), class names or None). Folders are checked
-    on rank 0 (every file decoded) and the verdict is shared, so every rank fails or goes on together."""
-    if not cfg.data:
-        scenes = data.Scenes(cfg.num_scenes, cfg.res, class_cond=cfg.class_cond)  # cached uint8 tensor
-        data.check_batch(len(scenes), cfg.batch_size, f"the built-in dataset (--num-scenes {cfg.num_scenes})")
-        return scenes, scenes.class_names
-    verdict = None
-    if rank == 0:
-        try:
-            verdict = data.check_dataset(cfg.data, cfg.res, cfg.class_cond, cfg.skip_bad_images,
-                                         min_images=cfg.batch_size, progress=True)
-        except data.DataError as e:
-            verdict = str(e)
-    verdict = broadcast_object(verdict)
-    if isinstance(verdict, str):
-        raise data.DataError(verdict)
-    folder = data.ImageFolder(cfg.data, cfg.res, cfg.class_cond, cfg.skip_bad_images, verdict["bad_files"])
-    return folder, folder.class_names
-
-
 def main(argv=None):
-    """CLI entry: user errors print one `error: ...` line and exit 2; aborted training exits 1."""
+    """CLI entry: bad inputs print one `error: ...` line and exit 2; aborted training exits 1."""
     try:
         return train(argv)
     except (ValueError, TrainingAborted) as e:   # ConfigError, DataError, CheckpointError, bad res ...
-        if not is_dist() or dist.get_rank() == 0:
-            tqdm.write(f"error: {e}", file=sys.stderr)   # on its own line even below a progress bar
-        sys.exit(1 if isinstance(e, TrainingAborted) else 2)
+        sys.exit(data.error_exit_code(e, print_error=not is_dist() or dist.get_rank() == 0))
     finally:
         if is_dist():
             dist.destroy_process_group()

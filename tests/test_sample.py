@@ -9,13 +9,11 @@ sample.py against exact answers, never against its own output:
 - Guidance: w = 0 is bit-identical to no guidance and runs no unconditional pass; the interval switches
   exactly at its edges; guiding v equals guiding eps (computed here in float64).
 - Per-image seeds: a batch of 8 equals two batches of 4, bit for bit.
-- Checkpoints (tiny U-Net, written here in the contract's format): round trip, prefixes stripped, a
-  corrupt newest file skipped in a folder but an error when named; the PNG grid layout and quantisation.
+- Checkpoints are written with checkpoint.py's own writer (tests/test_checkpoint.py checks the format).
 - The CLI end to end in a subprocess (grid from ./runs with no arguments, --out-dir, two processes under
   torchrun giving each seed once and the same pixels, bad inputs) and in-process (--resume equals a
   fresh run, a full folder refused, --overwrite, class / guidance / resolution errors).
 """
-import dataclasses
 import math
 import os
 import subprocess
@@ -28,8 +26,8 @@ import torch
 from PIL import Image
 
 import sample as S
+from test_checkpoint import write_checkpoint
 from schedules import get_schedule
-from unet import UNet, preset_config
 
 REPO = Path(__file__).resolve().parents[1]
 COSINE = get_schedule("cosine", 32)
@@ -275,47 +273,6 @@ def test_sample_rejects_bad_arguments():
 
 # ---------------------------------------------------------------------------------- checkpoints, PNGs
 
-def write_checkpoint(run_dir, step, num_classes=0, class_names=None, res=8, seed=0, wrap=lambda sd: sd):
-    """A checkpoint in the contract's format (what train.py writes), with a tiny U-Net."""
-    torch.manual_seed(seed)
-    cfg = preset_config("tiny", res=res, num_classes=num_classes)
-    model = UNet(cfg)
-    ckpt = {"step": step, "model_name": "unet", "model_config": dataclasses.asdict(cfg),
-            "model": wrap(model.state_dict()), "ema": wrap({k: v + 1 for k, v in model.state_dict().items()}),
-            "optimizer": {}, "schedule": dataclasses.asdict(get_schedule("shifted", res)), "config": {},
-            "class_names": class_names, "data_state": {}, "rng_state": {}}
-    Path(run_dir).mkdir(parents=True, exist_ok=True)
-    torch.save(ckpt, Path(run_dir) / f"ckpt_{step:08d}.pt")
-    return model
-
-
-def test_checkpoints_load_fall_back_and_fail_clearly(tmp_path, capsys):
-    run = tmp_path / "runs" / "unet-8"
-    raw = write_checkpoint(run, 5, wrap=lambda sd: {"module._orig_mod." + k: v for k, v in sd.items()})
-    (run / "ckpt_00000010.pt").write_bytes(b"PK\x03\x04 truncated")          # a newer, corrupt file
-    (run / "ckpt_00000012.pt.tmp123").write_bytes(b"partial save")           # never a candidate
-    assert [p.name for p in S.find_checkpoints(run)] == ["ckpt_00000010.pt", "ckpt_00000005.pt"]
-    model, ckpt = S.load_model(run, weights="ema")                            # folder: falls back to 5
-    assert ckpt["step"] == 5 and "ckpt_00000010.pt" in capsys.readouterr().err
-    for k, v in raw.state_dict().items():                                     # EMA = raw + 1 by construction
-        torch.testing.assert_close(model.state_dict()[k], v + 1, rtol=0, atol=0)
-    model_raw, _ = S.load_model(run / "ckpt_00000005.pt", weights="raw")
-    torch.testing.assert_close(model_raw.state_dict(), raw.state_dict(), rtol=0, atol=0)
-    assert not model.training and isinstance(model, UNet)
-    with pytest.raises(S.CheckpointError, match="ckpt_00000010.pt.*corrupt"):
-        S.load_checkpoint(run / "ckpt_00000010.pt")                           # named explicitly: error
-    with pytest.raises(S.CheckpointError, match="nope.pt"):
-        S.load_checkpoint(run / "nope.pt")
-    with pytest.raises(S.CheckpointError, match="no checkpoints"):
-        S.load_checkpoint(tmp_path)
-    assert S.strip_prefixes({"_orig_mod.module.a.b": 1, "c": 2}) == {"a.b": 1, "c": 2}
-    write_checkpoint(tmp_path / "runs" / "newer", 1)
-    os.utime(S.find_checkpoints(run)[0], (1, 1))                              # make "newer" the latest
-    assert S.find_latest_run(tmp_path / "runs").name == "newer"
-    with pytest.raises(S.CheckpointError, match="python train.py"):
-        S.find_latest_run(tmp_path / "empty")
-
-
 # ----------------------------------------------------------------------------------------------- CLI
 
 def run_cli(args, cwd):
@@ -325,12 +282,12 @@ def run_cli(args, cwd):
 
 def test_cli_end_to_end(tmp_path):
     write_checkpoint(tmp_path / "runs" / "unet-8", 3)
-    done = run_cli(["--n", "5", "--steps", "2", "--batch-size", "2"], tmp_path)     # no --ckpt: ./runs
+    done = run_cli(["--num-images", "5", "--steps", "2", "--batch-size", "2"], tmp_path)     # no --ckpt: ./runs
     assert done.returncode == 0, done.stderr
     grid = tmp_path / "runs" / "unet-8" / "sample_00000003.png"
     assert "wrote grid of 5 images to runs/unet-8/sample_00000003.png" in done.stdout and "EMA" in done.stdout
     assert Image.open(grid).size == (3 * 10 + 2, 2 * 10 + 2)                          # 5 images, 3 per row
-    done = run_cli(["--ckpt", "runs/unet-8", "--n", "3", "--steps", "2", "--seed", "4", "--out-dir", "pngs"],
+    done = run_cli(["--ckpt", "runs/unet-8", "--num-images", "3", "--steps", "2", "--seed", "4", "--out-dir", "pngs"],
                    tmp_path)
     assert done.returncode == 0, done.stderr
     assert sorted(p.name for p in (tmp_path / "pngs").iterdir()) == ["000004.png", "000005.png", "000006.png"]
@@ -355,14 +312,14 @@ def test_cli_out_dir_resume_and_bad_inputs(tmp_path, capsys):
     ckpt = str(tmp_path / "cond")
     common = ["--ckpt", ckpt, "--steps", "3", "--batch-size", "3", "--guidance", "2",
               "--guidance-interval", "0.1", "0.9"]
-    assert S.main(common + ["--n", "5", "--out-dir", str(tmp_path / "full")]) == 0
-    assert S.main(common + ["--n", "2", "--out-dir", str(tmp_path / "part")]) == 0
+    assert S.main(common + ["--num-images", "5", "--out-dir", str(tmp_path / "full")]) == 0
+    assert S.main(common + ["--num-images", "2", "--out-dir", str(tmp_path / "part")]) == 0
     first = (tmp_path / "part" / "000000.png").stat().st_mtime_ns
     capsys.readouterr()
-    assert S.main(common + ["--n", "5", "--out-dir", str(tmp_path / "part")]) == 2      # refuses a full folder
+    assert S.main(common + ["--num-images", "5", "--out-dir", str(tmp_path / "part")]) == 2      # refuses a full folder
     assert "--resume" in capsys.readouterr().err
     (tmp_path / "part" / "000003.png.tmp999").write_bytes(b"half a PNG")               # a killed run's leftover
-    assert S.main(common + ["--n", "5", "--out-dir", str(tmp_path / "part"), "--resume", "--batch-size", "2",
+    assert S.main(common + ["--num-images", "5", "--out-dir", str(tmp_path / "part"), "--resume", "--batch-size", "2",
                             "--out", str(tmp_path / "grid.png")]) == 0
     assert (tmp_path / "part" / "000000.png").stat().st_mtime_ns == first              # kept, not rewritten
     for seed in range(5):   # resumed with another batch size = a fresh run, byte for byte
@@ -370,14 +327,14 @@ def test_cli_out_dir_resume_and_bad_inputs(tmp_path, capsys):
         assert (tmp_path / "part" / name).read_bytes() == (tmp_path / "full" / name).read_bytes(), name
     assert Image.open(tmp_path / "grid.png").size == (3 * 10 + 2, 2 * 10 + 2)
     assert sorted(p.name for p in (tmp_path / "part").iterdir()) == [f"{i:06d}.png" for i in range(5)]
-    assert S.main(common + ["--n", "1", "--out-dir", str(tmp_path / "part"), "--overwrite"]) == 0
+    assert S.main(common + ["--num-images", "1", "--out-dir", str(tmp_path / "part"), "--overwrite"]) == 0
     assert (tmp_path / "part" / "000000.png").stat().st_mtime_ns != first
     capsys.readouterr()
     for args, message in ((["--class", "bird"], "0=cat, 1=dog"), (["--class", "2"], "0=cat, 1=dog"),
                           (["--res", "16"], "trained at 8x8"), (["--guidance-interval", "0.6", "0.4"], "T_LO")):
-        assert S.main(common + ["--n", "1", "--out", str(tmp_path / "x.png")] + args) == 2
+        assert S.main(common + ["--num-images", "1", "--out", str(tmp_path / "x.png")] + args) == 2
         assert message in capsys.readouterr().err
-    assert S.main(common + ["--n", "2", "--class", "dog", "--out", str(tmp_path / "dog.png")]) == 0
+    assert S.main(common + ["--num-images", "2", "--class", "dog", "--out", str(tmp_path / "dog.png")]) == 0
     write_checkpoint(tmp_path / "uncond", 1)
     for args in (["--class", "0"], ["--guidance", "1"]):
         argv = ["--ckpt", str(tmp_path / "uncond"), "--steps", "1", "--out", str(tmp_path / "u.png")] + args
