@@ -2,35 +2,42 @@
 The training objective: v-prediction, the eps loss, the multiscale loss and the sigmoid weighting.
 
 The idea. Training a diffusion model is regression: draw a time t, noise the image to
-z_t = alpha_t x + sigma_t eps, and ask the network what the noise was. Simple diffusion's network
-outputs v = alpha eps - sigma x (Salimans & Ho's v-parameterisation: a well-scaled target at every
-noise level), but the loss is measured on eps, as in the authors' appendix code. Sec. 3.2 adds a
-multiscale loss: at high resolution the per-pixel MSE is dominated by high frequencies (there are many
-more fine-scale than coarse-scale degrees of freedom), so the error is also measured after
-average-pooling to 32x32, 64x64, ..., each scale weighted by 1/s, which lets the coarse structure count.
-SiD2 (Kingma & Gao's view of losses as weighted integrals over logSNR) adds a sigmoid weighting.
+z_t = alpha_t x + sigma_t eps, and ask the network what the noise was. Simple diffusion's network outputs
+v = alpha eps - sigma x (Salimans & Ho's v-parameterisation: a well-scaled target at every noise level),
+but the loss is measured on eps, as in the authors' appendix code. Sec. 3.2 adds a multiscale loss: at high
+resolution the per-pixel MSE is dominated by high frequencies (there are many more fine-scale than
+coarse-scale degrees of freedom), so the error is also measured after average-pooling to 32x32, 64x64, ...,
+each scale weighted by 1/s, which lets the coarse structure count. The sigmoid weighting is Kingma & Gao's
+(2023): with the Jacobian -d logsnr/dt the loss becomes an integral over logsnr, the same for any schedule,
+and sigmoid(b - logsnr) decides which noise levels count. SiD2's recipe starts with it ("use the sigmoid
+loss-weighting with our prescribed hyper-parameters", abstract) and tunes the bias b per resolution.
 
 Equations:
     z_t     = alpha x + sigma eps                                   (Sec. 2, variance preserving)
     v       = alpha eps - sigma x;  x = alpha z - sigma v;  eps = sigma z + alpha v   (v-param.)
     L_eps   = mean_pixels (eps - eps_pred)^2                        (appendix code)
     L_multi = sum_{s in {32, 64, ..., d}} (1/s) mean_pixels (D_s[eps] - D_s[eps_pred])^2     (Sec. 3.2)
-    L_sig   = (-d logsnr/dt) sigmoid(b - logsnr) L_eps              (SiD2 / Kingma & Gao 2023)
+    L_sig   = (-d logsnr/dt) sigmoid(b - logsnr) L_eps              (Kingma & Gao 2023; SiD2)
             = (-d logsnr/dt) exp(b) sigmoid(logsnr - b) mean (x - x_pred)^2,  since |eps err|^2 = SNR |x err|^2
+SiD2 writes the second (x-space) form; our b is its b, same sign. Both papers carry a factor 1/2, dropped here.
 
 Symbols: x -> x, epsilon -> eps, z_t -> z_t, v_hat -> v_pred, D_s (average pooling to s x s) ->
 _avg_pool_to, lambda_t -> logsnr, the sigmoid bias b -> sigmoid_bias.
 
-Choices the paper leaves open:
-- multiscale levels are d, d/2, d/4, ... down to base_d (for the usual power-of-two resolutions this
-  is exactly {32, ..., d}; for e.g. 96 it is {48, 96}, where an exact 2x pool exists). At d <= base_d
-  the single level is the plain MSE times 1/d, as the formula gives. The 1/s factor makes the
-  multiscale loss about 1/d the size of the plain MSE; Adam does not care, but logged numbers differ.
-- t is drawn uniformly; `low_discrepancy=True` uses VDM's stratified draw (one uniform offset, then
-  B evenly spaced points mod 1) for a lower-variance batch loss.
+Choices the papers leave open:
+- b for any width d (sid2_sigmoid_bias): SiD2's tuned values at 128, 256, 512 (its appendix), log-linear in
+  between; beyond them the nearest value moves like the schedule, b_ref + 2 log(d_ref / d) (simple
+  diffusion's Eq. 5 shift), so a pooled view keeps its weight. SiD2's own values fall by 3.0 from 128 to 512
+  where that shift predicts 2.8. A 32 px model gets b = 2 log 4 = 2.8.
+- multiscale levels are d, d/2, d/4, ... down to base_d ({32, ..., d} for powers of two; {48, 96} at 96).
+  At d <= base_d the single level is the plain MSE times 1/d. Adam ignores the overall 1/d-ish scale, but
+  logged numbers differ from the plain MSE.
+- t is uniform; `low_discrepancy=True` is VDM's draw (one uniform offset, B evenly spaced points mod 1).
 - Label dropout for classifier-free guidance lives here (`drop_labels`), because it is part of the
   objective: the same network learns p(x | class) and p(x) (the null class).
 """
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -90,10 +97,32 @@ def multiscale_mse(eps_pred: torch.Tensor, eps: torch.Tensor, base_d: int = 32) 
     return loss
 
 
+# SiD2's tuned sigmoid bias b per image width d (its appendix; ImageNet 128, 256, 512), as (d, b).
+SID2_SIGMOID_BIAS = ((128, 0.0), (256, -1.0), (512, -3.0))
+
+
+def _log_linear(d: float, table) -> float:
+    """Interpolate b linearly in log d between the (d, b) rows of a table that brackets d."""
+    for (d0, b0), (d1, b1) in zip(table, table[1:]):
+        if d <= d1:
+            return b0 + (b1 - b0) * math.log(d / d0) / math.log(d1 / d0)
+    return table[-1][1]
+
+
+def sid2_sigmoid_bias(image_d: int) -> float:
+    """The bias b for a d x d image: SiD2's value where it gives one, log-linear in d in between, and
+    beyond its range the nearest value shifted like the schedule (Eq. 5): a d px image pooled to d_ref px
+    sees logsnr + 2 log(d / d_ref), so the same weight on that pooled view needs b_ref + 2 log(d_ref / d)."""
+    if image_d < 1:
+        raise ValueError(f"image_d must be a positive width in pixels, got {image_d}")
+    d_ref = min(max(image_d, SID2_SIGMOID_BIAS[0][0]), SID2_SIGMOID_BIAS[-1][0])  # nearest covered width
+    return _log_linear(d_ref, SID2_SIGMOID_BIAS) + 2.0 * math.log(d_ref / image_d)
+
+
 def sigmoid_weight(logsnr: torch.Tensor, dlogsnr_dt: torch.Tensor, bias: float) -> torch.Tensor:
-    """SiD2's eps-space weight (-d logsnr/dt) * sigmoid(b - logsnr). The Jacobian -d logsnr/dt turns a
-    uniform t into the integral over logsnr that Kingma & Gao weight; sigmoid(b - logsnr) ~ 1 at high
-    noise and decays as exp(b - logsnr) once the image is cleaner than logsnr = b."""
+    """Kingma & Gao's eps-space weight (-d logsnr/dt) * sigmoid(b - logsnr), as SiD2 uses it. The Jacobian
+    -d logsnr/dt turns a uniform t into the integral over logsnr that Kingma & Gao weight; sigmoid(b - logsnr)
+    ~ 1 at high noise and decays as exp(b - logsnr) once the image is cleaner than logsnr = b."""
     return -dlogsnr_dt * torch.sigmoid(bias - logsnr)
 
 
@@ -123,12 +152,13 @@ def drop_labels(class_labels: torch.Tensor, p: float, null_label: int, generator
 
 
 def diffusion_loss(model, x: torch.Tensor, logsnr_fn, class_labels: torch.Tensor | None = None,
-                   multiscale: bool = False, weighting: str = "eps", sigmoid_bias: float = 2.0,
+                   multiscale: bool = False, weighting: str = "eps", sigmoid_bias: float | None = None,
                    base_d: int = 32, low_discrepancy: bool = False,
                    t: torch.Tensor | None = None, eps: torch.Tensor | None = None) -> torch.Tensor:
     """One Monte Carlo draw of the training loss for a batch of clean images x in [-1, 1], (B, C, H, W).
     `model(z_t, logsnr, class_labels)` returns v_pred. Returns the per-example loss (B,); the caller
-    takes the mean. Pass `t` and `eps` to make it deterministic (tests do)."""
+    takes the mean. sigmoid_bias None means sid2_sigmoid_bias(W) for the image width W. Pass `t` and `eps`
+    to make it deterministic (tests do)."""
     if weighting not in ("eps", "sigmoid"):
         raise ValueError(f"weighting must be 'eps' or 'sigmoid', got {weighting!r}")
     if t is None:
@@ -144,5 +174,6 @@ def diffusion_loss(model, x: torch.Tensor, logsnr_fn, class_labels: torch.Tensor
     else:
         loss = (eps_pred - eps).float().square().mean(dim=(1, 2, 3))
     if weighting == "sigmoid":
-        loss = loss * sigmoid_weight(logsnr, dlogsnr_dt(logsnr_fn, t), sigmoid_bias).float()
+        bias = sid2_sigmoid_bias(x.shape[-1]) if sigmoid_bias is None else sigmoid_bias
+        loss = loss * sigmoid_weight(logsnr, dlogsnr_dt(logsnr_fn, t), bias).float()
     return loss

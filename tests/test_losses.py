@@ -1,10 +1,12 @@
 """
-losses.py against independent computations: the v/eps/x conversions round-trip; the multiscale loss
-equals a per-level computation written with reshapes (not avg_pool2d) and reduces to MSE / d at one level;
-it down-weights a purely high-frequency error; the loss of a zero network and of an oracle network have
-closed forms; the sigmoid weighting equals exp(b) sigmoid(logsnr - b) on the x-MSE; d logsnr / dt by
-autograd equals the closed form; gradients are finite at t = 0 and t = 1; label dropout and the
-low-discrepancy time draw behave as specified.
+losses.py against independent computations: the v/eps/x conversions round-trip and z_t matches the forward
+process written out; the multiscale loss equals a per-level computation written with reshapes (not
+avg_pool2d), reduces to MSE / d at one level and down-weights a purely high-frequency error; diffusion_loss
+with multiscale=True equals Sec. 3.2's sum for a known network, eps_pred written out here; the loss of a zero
+network and of an oracle network have closed forms; the sigmoid weighting equals exp(b) sigmoid(logsnr - b)
+on the x-MSE; its default bias is SiD2's per resolution and moves like the schedule's shift beyond it;
+d logsnr / dt equals autograd and finite differences of the raw formula; gradients are finite at t = 0
+and t = 1; label dropout and the low-discrepancy time draw behave as specified.
 """
 import math
 
@@ -12,7 +14,7 @@ import pytest
 import torch
 
 from losses import (diffuse, diffusion_loss, dlogsnr_dt, drop_labels, eps_from_v, multiscale_levels,
-                    multiscale_mse, sample_t, v_from_x_eps, x_from_v)
+                    multiscale_mse, sample_t, sid2_sigmoid_bias, v_from_x_eps, x_from_v)
 from schedules import alpha_sigma, get_schedule
 
 
@@ -115,13 +117,28 @@ def test_sigmoid_weighting_equals_x_space_form(bias):
     assert torch.allclose(loss.double(), expected, rtol=1e-5)
 
 
+def _raw_logsnr(t, name, d, low=32, high=256):
+    """Eq. 4-6 written out again (clip +-15 before the shift), independent of schedules.py."""
+    t_min, t_max = math.atan(math.exp(-7.5)), math.atan(math.exp(7.5))
+    cosine = -2 * torch.log(torch.tan(t_min + t * (t_max - t_min)))
+    if name == "cosine":
+        return cosine
+    if name == "shifted":
+        return cosine + 2 * math.log(64 / d)
+    return t * (cosine + 2 * math.log(low / d)) + (1 - t) * (cosine + 2 * math.log(high / d))
+
+
 @pytest.mark.parametrize("name", ["cosine", "shifted", "interpolated"])
-def test_dlogsnr_dt_autograd_matches_closed_form(name):
-    schedule = get_schedule(name, 256)
-    t = torch.rand(64, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
-    by_autograd = dlogsnr_dt(lambda u: schedule(u), t)  # a plain function: no .dlogsnr_dt attribute
-    assert torch.allclose(by_autograd, schedule.dlogsnr_dt(t), rtol=1e-10)
-    assert torch.allclose(dlogsnr_dt(schedule, t), schedule.dlogsnr_dt(t))
+def test_dlogsnr_dt_matches_the_raw_formula(name):
+    schedule = get_schedule(name, 512)  # interpolated at 512: the paper's bases 32 and 256
+    t = torch.rand(64, dtype=torch.float64, generator=torch.Generator().manual_seed(5)) * 0.98 + 0.01
+    t_ = t.clone().requires_grad_(True)
+    (by_autograd,) = torch.autograd.grad(_raw_logsnr(t_, name, 512).sum(), t_)
+    assert torch.allclose(dlogsnr_dt(schedule, t), by_autograd, rtol=1e-10)   # the closed-form path
+    # the autograd path of dlogsnr_dt (a plain function has no .dlogsnr_dt) against finite differences
+    h = 1e-6
+    numeric = (_raw_logsnr(t + h, name, 512) - _raw_logsnr(t - h, name, 512)) / (2 * h)
+    assert torch.allclose(dlogsnr_dt(lambda u: _raw_logsnr(u, name, 512), t), numeric, rtol=1e-6)
 
 
 @pytest.mark.parametrize("weighting", ["eps", "sigmoid"])
@@ -149,11 +166,97 @@ def test_drop_labels():
     assert torch.equal(dropped[kept], labels[kept])
 
 
+def test_low_discrepancy_t_is_uniform_per_example_and_seeded():
+    """Each t_i on its own must still be U(0, 1) (an unbiased loss), whole batches must differ, and the
+    generator must drive the draw. Kolmogorov-Smirnov against U(0, 1) at the 0.1% level: 1.95 / sqrt(n)."""
+    g = torch.Generator().manual_seed(3)
+    draws = torch.stack([sample_t(8, "cpu", low_discrepancy=True, generator=g) for _ in range(4000)])
+    grid = torch.arange(1, 4001, dtype=torch.float32) / 4000
+    for i in (0, 7):
+        ks = (torch.sort(draws[:, i]).values - grid).abs().max().item()
+        assert ks < 1.95 / math.sqrt(4000), i
+    assert len({tuple(row.tolist()) for row in draws[:10]}) == 10
+    same = [sample_t(8, "cpu", True, generator=torch.Generator().manual_seed(9)) for _ in range(2)]
+    assert torch.equal(*same)
+
+
 def test_low_discrepancy_t_is_evenly_spaced():
     t = sample_t(16, "cpu", low_discrepancy=True, generator=torch.Generator().manual_seed(0))
     gaps = torch.diff(torch.sort(t).values)
     assert torch.allclose(gaps, torch.full_like(gaps, 1 / 16), atol=1e-6)
     assert t.min() >= 0 and t.max() < 1
+
+
+def _linear_logsnr(t):
+    """A schedule that owes nothing to schedules.py: logsnr falls linearly from 6 to -6."""
+    return 6.0 - 12.0 * t
+
+
+def _known_network_and_batch(d, seed=7):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(3, 3, d, d, generator=g, dtype=torch.float64) * 2 - 1
+    eps = torch.randn(3, 3, d, d, generator=g, dtype=torch.float64)
+    mix = torch.randn(3, 3, generator=g, dtype=torch.float64)
+    model = lambda z, logsnr, c: torch.einsum("oc,bchw->bohw", mix, z) + 0.1  # noqa: E731  fixed affine map
+    return model, x, eps, torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64)
+
+
+def _eps_pred_by_hand(model, x, eps, t):
+    """z_t = alpha x + sigma eps and eps_pred = sigma z_t + alpha v_pred, alpha^2 = 1 / (1 + exp(-logsnr))."""
+    logsnr = _linear_logsnr(t)[:, None, None, None]
+    alpha, sigma = (1 / (1 + torch.exp(-logsnr))).sqrt(), (1 / (1 + torch.exp(logsnr))).sqrt()
+    z = alpha * x + sigma * eps
+    return sigma * z + alpha * model(z, None, None)
+
+
+def test_multiscale_loss_of_a_known_network_has_closed_form():
+    """Sec. 3.2: sum_s (1/s) mean((D_s[eps_pred] - D_s[eps])^2), pooling each side separately by reshapes."""
+    model, x, eps, t = _known_network_and_batch(32)
+    eps_pred = _eps_pred_by_hand(model, x, eps, t)
+    expected = sum((_pool_by_reshape(eps_pred, s) - _pool_by_reshape(eps, s)).square().mean(dim=(1, 2, 3)) / s
+                   for s in (8, 16, 32))
+    loss = diffusion_loss(model, x, _linear_logsnr, t=t, eps=eps, multiscale=True, base_d=8)
+    assert torch.allclose(loss.double(), expected, rtol=1e-5)
+    plain = diffusion_loss(model, x, _linear_logsnr, t=t, eps=eps, multiscale=False)
+    assert torch.allclose(plain.double(), (eps_pred - eps).square().mean(dim=(1, 2, 3)), rtol=1e-5)
+    assert torch.all((loss - plain).abs() > 0.1 * plain)  # the flag changes the objective
+
+
+def test_sid2_sigmoid_bias_at_the_papers_resolutions():
+    # SiD2's appendix: b = 0 at 128 px, -1 at 256, -3 at 512 (ImageNet)
+    assert [sid2_sigmoid_bias(d) for d in (128, 256, 512)] == pytest.approx([0.0, -1.0, -3.0], abs=1e-12)
+    # between them b is linear in log d (181 and 362 are near the geometric midpoints: b near -0.5 and -2)
+    assert sid2_sigmoid_bias(181) == pytest.approx(-math.log(181 / 128) / math.log(2), abs=1e-12)
+    assert sid2_sigmoid_bias(362) == pytest.approx(-1 - 2 * math.log(362 / 256) / math.log(2), abs=1e-12)
+    ds = [8, 16, 24, 32, 64, 100, 128, 200, 256, 300, 512, 700, 1024]
+    assert all(a > b for a, b in zip(map(sid2_sigmoid_bias, ds), map(sid2_sigmoid_bias, ds[1:])))
+    with pytest.raises(ValueError):
+        sid2_sigmoid_bias(0)
+
+
+@pytest.mark.parametrize("small, big", [(8, 128), (32, 128), (64, 128), (512, 1024), (512, 4096)])
+def test_sid2_sigmoid_bias_moves_like_the_schedule_shift(small, big):
+    """Beyond SiD2's range (one width of each pair is inside it) the weight must follow a noise level across
+    resolutions: pooling the big image to the small one's size (s = big / small) multiplies its SNR by s^2,
+    which is exactly how far apart the two shifted schedules (Eq. 5) are at every t, and the two models
+    must weight those matching levels alike."""
+    t = torch.linspace(0.02, 0.98, 49, dtype=torch.float64)
+    logsnr_small, logsnr_big = _raw_logsnr(t, "shifted", small), _raw_logsnr(t, "shifted", big)
+    pooled_big = torch.log(torch.exp(logsnr_big) * (big / small) ** 2)
+    assert torch.allclose(pooled_big, logsnr_small, atol=1e-9)
+    weight_small = torch.sigmoid(sid2_sigmoid_bias(small) - logsnr_small)
+    weight_big = torch.sigmoid(sid2_sigmoid_bias(big) - logsnr_big)
+    assert torch.allclose(weight_small, weight_big, atol=1e-12)
+
+
+def test_default_sigmoid_bias_follows_the_resolution():
+    """No bias given: SiD2's b = 0 at 128 px moved to 16 px by the shift, 2 log(128 / 16), weighted by the
+    Jacobian of the linear schedule (12) and the eps-MSE written out here."""
+    model, x, eps, t = _known_network_and_batch(16, seed=8)
+    eps_mse = (_eps_pred_by_hand(model, x, eps, t) - eps).square().mean(dim=(1, 2, 3))
+    expected = 12.0 * torch.sigmoid(2 * math.log(128 / 16) - _linear_logsnr(t)) * eps_mse
+    loss = diffusion_loss(model, x, _linear_logsnr, t=t, eps=eps, weighting="sigmoid")
+    assert torch.allclose(loss.double(), expected, rtol=1e-5)
 
 
 def test_bad_weighting_is_rejected():

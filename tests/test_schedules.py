@@ -1,16 +1,18 @@
 """
 schedules.py against independent computations: the identities of a variance-preserving process, the
-clipping of the cosine schedule, the size of the shift (Eq. 5), the endpoints of the interpolated schedule
-(Eq. 6, appendix form), values derived by hand, the closed-form derivative against finite differences,
-and the paper's central argument run as an experiment (pooling a shifted high-resolution image
-reproduces the 64x64 cosine SNR).
+clipping of the cosine schedule, the size and sign of the shift (Eq. 5), the endpoints of the interpolated
+schedule (Eq. 6, appendix form) and its resolution-capped bases, get_schedule's values against Eq. 4-6
+written out here, values derived by hand, the closed-form derivative against finite differences, saved
+schedule dicts loading unchanged, and the paper's central argument run as an experiment (pooling a
+shifted high-resolution image reproduces the 64x64 cosine SNR).
 """
 import math
+from dataclasses import asdict
 
 import pytest
 import torch
 
-from schedules import (Schedule, alpha_sigma, dlogsnr_cosine_dt, get_schedule, logsnr_cosine,
+from schedules import (Schedule, alpha_sigma, dlogsnr_cosine_dt, get_schedule, interpolated_bases, logsnr_cosine,
                        logsnr_interpolated, logsnr_shifted)
 
 RESOLUTIONS = [32, 64, 128, 256, 512, 1024]
@@ -88,9 +90,10 @@ def test_values_by_hand():
     assert logsnr_interpolated(half, 512).item() == pytest.approx(-math.log(32), abs=1e-12)
 
 
-@pytest.mark.parametrize("name", ["cosine", "shifted", "interpolated"])
-def test_closed_form_derivative_matches_finite_differences(name):
-    schedule = get_schedule(name, 512)
+@pytest.mark.parametrize("name, image_d", [("cosine", 512), ("shifted", 512), ("interpolated", 512),
+                                           ("interpolated", 128)])
+def test_closed_form_derivative_matches_finite_differences(name, image_d):
+    schedule = get_schedule(name, image_d)
     t = torch.linspace(0.01, 0.99, 50, dtype=torch.float64)
     h = 1e-6
     numeric = (schedule(t + h) - schedule(t - h)) / (2 * h)
@@ -101,7 +104,60 @@ def test_closed_form_derivative_matches_finite_differences(name):
 def test_get_schedule_rejects_unknown_names():
     with pytest.raises(ValueError, match="unknown schedule"):
         get_schedule("linear", 64)
-    assert get_schedule("shifted", 256) == Schedule("shifted", 256)
+    with pytest.raises(ValueError, match="positive"):
+        get_schedule("shifted", 0)
+
+
+def _eq4_to_6(t: float, name: str, d: int, noise_d=64, low=32, high=256) -> float:
+    """Eq. 4-6 in plain math, clipped to [-15, 15] before the shift as the appendix code does."""
+    t_min, t_max = math.atan(math.exp(-7.5)), math.atan(math.exp(7.5))
+    cosine = -2 * math.log(math.tan(t_min + t * (t_max - t_min)))
+    if name == "cosine":
+        return cosine
+    if name == "shifted":
+        return cosine + 2 * math.log(noise_d / d)
+    return t * (cosine + 2 * math.log(low / d)) + (1 - t) * (cosine + 2 * math.log(high / d))
+
+
+@pytest.mark.parametrize("image_d", [16, 64, 128, 512])
+@pytest.mark.parametrize("name", ["cosine", "shifted", "interpolated"])
+def test_get_schedule_values_follow_the_equations(name, image_d):
+    ts = [0.0, 0.05, 0.3, 0.5, 0.77, 1.0]
+    got = get_schedule(name, image_d)(torch.tensor(ts, dtype=torch.float64))
+    # interpolated: the paper's bases 32 and 256, each capped at the image width
+    low, high = min(32, image_d), min(256, image_d)
+    expected = [_eq4_to_6(t, name, image_d, low=low, high=high) for t in ts]
+    assert torch.allclose(got, torch.tensor(expected, dtype=torch.float64), atol=1e-10, rtol=0)
+    # the reference width of the shifted schedule is honoured too
+    if name == "shifted":
+        got32 = get_schedule(name, image_d, noise_d=32)(torch.tensor(ts, dtype=torch.float64))
+        assert got32.tolist() == pytest.approx([_eq4_to_6(t, name, image_d, noise_d=32) for t in ts], abs=1e-10)
+
+
+def test_interpolated_bases_are_the_papers_at_high_resolution_and_never_add_snr():
+    assert interpolated_bases(512) == (32, 256) and interpolated_bases(1024) == (32, 256)
+    t = torch.linspace(0, 1, 201, dtype=torch.float64)
+    for d in [8, 16, 32, 48, 64, 100, 128, 256, 512, 2048]:
+        interp = get_schedule("interpolated", d)(t)
+        # a base above d would shift towards less noise: the capped schedule never rises above the cosine one
+        assert torch.all(interp <= logsnr_cosine(t) + 1e-12), d
+    # at 32 px and below there is nothing to pool: the interpolated schedule is the cosine schedule
+    assert torch.allclose(get_schedule("interpolated", 16)(t), logsnr_cosine(t), atol=1e-12)
+    # explicit bases still win over the defaults
+    assert get_schedule("interpolated", 128, noise_d_high=256).noise_d_high == 256
+
+
+@pytest.mark.parametrize("name", ["cosine", "shifted", "interpolated"])
+def test_saved_schedule_dict_builds_the_same_schedule(name):
+    t = torch.rand(32, dtype=torch.float64, generator=torch.Generator().manual_seed(11))
+    schedule = get_schedule(name, 128)
+    loaded = Schedule(**asdict(schedule))
+    assert loaded == schedule and torch.equal(loaded(t), schedule(t))
+    # a dict written with the uncapped 32/256 bases keeps them: old checkpoints sample as they were trained
+    old = {"name": name, "image_d": 128, "noise_d": 64, "noise_d_low": 32, "noise_d_high": 256,
+           "logsnr_min": -15.0, "logsnr_max": 15.0}
+    expected = [_eq4_to_6(ti, name, 128) for ti in t.tolist()]
+    assert Schedule(**old)(t).tolist() == pytest.approx(expected, abs=1e-10)
 
 
 @pytest.mark.parametrize("s", [2, 4, 8])
