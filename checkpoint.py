@@ -14,11 +14,13 @@ The keys (train.py's `training_state`):
     step            optimizer steps taken                  model_name     "unet" | "uvit"
     model_config    asdict(UNetConfig / UViTConfig)        schedule       asdict(schedules.Schedule)
     model, ema      state dicts of the raw module (no "module." or "_orig_mod." prefixes)
-    optimizer       AdamW state dict                       config         asdict(train.TrainConfig)
+    optimizer       AdamW state, keyed by parameter name   config         asdict(train.TrainConfig)
     class_names     list or None                           data_state     {epoch, batch, num_images}
     rng_state       every rank's generator states, with the world size and device type that made them
 
-Distributed runs: rank 0 alone decides which file to resume from and broadcasts the path, so every rank
+Distributed runs: weights and optimizer state are saved unsharded (torch.distributed.checkpoint's
+full state dicts gathered to rank 0), so one file serves a single process, DDP and FSDP alike, and a run
+may resume under another of them. Rank 0 alone decides which file to resume from and broadcasts the path, so every rank
 starts at the same step even if one of them could not read the newest file; rank 0 alone writes.
 Files are opened with `mmap=True`: a process touches only the tensors it uses (sample.py reads the EMA,
 not the optimizer state), and N ranks on one node share the page cache instead of N private copies.
@@ -39,6 +41,8 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+                                                     set_model_state_dict, set_optimizer_state_dict)
 
 from data import write_atomic
 from unet import UNet, UNetConfig
@@ -49,6 +53,7 @@ NAME = "ckpt_{step:08d}.pt"                                          # the file 
 PATTERN = re.compile(r"^ckpt_(\d+)\.pt$")                           # ... and how it is recognised
 REQUIRED_KEYS = ("step", "model_name", "model_config")
 PREFIXES = ("_orig_mod.", "module.")                                 # torch.compile and DDP wrappers
+FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)      # unsharded tensors, on rank 0's CPU
 
 
 class CheckpointError(ValueError):
@@ -241,16 +246,24 @@ def find_latest_run(root="runs") -> Path:
 
 def training_state(*, step: int, model_name: str, model, ema, optimizer, schedule, config, class_names,
                    data_state: dict, rng_state: dict) -> dict:
-    """The checkpoint dict of a training run (see the key table in the module docstring). `model` and
-    `ema` are raw modules; config dataclasses become plain dicts."""
+    """The checkpoint dict of a training run (see the key table in the module docstring). Collective under
+    torchrun: the weights and optimizer state are gathered as full (unsharded) tensors on rank 0's CPU,
+    so a checkpoint has one layout whether DDP, FSDP or a single process wrote it; the other ranks get
+    empty dicts. `model` and `ema` are raw modules; config dataclasses become plain dicts."""
     return {"step": step, "model_name": model_name, "model_config": dataclasses.asdict(model.config),
-            "model": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
+            "model": get_model_state_dict(model, options=FULL), "ema": get_model_state_dict(ema, options=FULL),
+            "optimizer": get_optimizer_state_dict(model, optimizer, options=FULL),
             "schedule": dataclasses.asdict(schedule), "config": dataclasses.asdict(config),
             "class_names": class_names, "data_state": data_state, "rng_state": rng_state}
 
 
 def restore_training_state(ckpt: dict, model, ema, optimizer) -> None:
-    """Load a training_state dict's weights (strictly) and optimizer state into the live objects."""
-    load_weights(model, ckpt["model"], "model")
-    load_weights(ema, ckpt["ema"], "ema")
-    optimizer.load_state_dict(ckpt["optimizer"])
+    """Load a training_state dict into the live objects, sharded or not: each rank reads the full tensors
+    from its memory-mapped file and keeps its own shard. Any mismatch is one CheckpointError line."""
+    try:
+        for net, key in ((model, "model"), (ema, "ema")):
+            set_model_state_dict(net, strip_prefixes(ckpt[key]), options=StateDictOptions(full_state_dict=True))
+        set_optimizer_state_dict(model, optimizer, ckpt["optimizer"], options=StateDictOptions(full_state_dict=True))
+    except (KeyError, RuntimeError, ValueError) as e:
+        raise CheckpointError(f"the checkpoint's training state does not fit this run's network and optimizer "
+                              f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from e

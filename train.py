@@ -51,6 +51,8 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
@@ -61,12 +63,14 @@ from checkpoint import (MODELS, CheckpointError, broadcast_object, build_model, 
                         setup_distributed, training_state)
 from data import flag
 from sample import sample
+from scenes import Scenes
 from schedules import SCHEDULES, get_schedule
 
 MAX_BAD_STEPS = 5          # non-finite steps in a row before we give up
 # Fields that may change when a run is resumed: they do not change what is being trained.
 RUNTIME_FIELDS = ("steps", "run_dir", "resume", "compile", "precision", "num_workers", "log_every", "ckpt_every",
-                  "sample_every", "sample_steps", "num_samples", "sample_guidance", "skip_bad_images")
+                  "sample_every", "sample_steps", "num_samples", "sample_guidance", "skip_bad_images", "fsdp",
+                  "grad_checkpointing")
 
 
 @dataclass
@@ -88,7 +92,8 @@ class TrainConfig:
     noise_d: int = flag(64, "reference resolution of the shifted schedule (Sec. 3.1)")
     multiscale: bool = flag(False, "multiscale loss (Sec. 3.2)")
     weighting: str = flag("sigmoid", "loss weighting: the paper's eps-MSE or SiD2's sigmoid", choices=("eps", "sigmoid"))
-    sigmoid_bias: float = flag(3.4, "bias b of the sigmoid weighting (losses.py)")
+    sigmoid_bias: float | None = flag(None, "bias b of the sigmoid weighting; default: SiD2's value for --res "
+                                            "(losses.sid2_sigmoid_bias), or the preset row's")
     low_discrepancy: bool = flag(False, "draw the batch's t on an evenly spaced grid with one random offset (VDM)")
     # optimisation
     steps: int = flag(2000, "total optimizer steps (raise it to extend a finished run)")
@@ -103,6 +108,8 @@ class TrainConfig:
     grad_clip: float = flag(1.0, "clip the global gradient norm to this (0 = no clipping)")
     ema_decay: float = flag(0.999, "EMA decay per step (sampling uses the EMA weights)")
     grad_checkpointing: bool = flag(False, "activation checkpointing: less memory, about a third slower")
+    fsdp: bool = flag(False, "shard weights, gradients, optimizer state and EMA over the ranks (FSDP2) "
+                             "instead of replicating them (DDP); needs torchrun")
     # run
     run_dir: str = flag("", "output folder; '' = runs/<model>-<res>")
     resume: str = flag("", "resume from this checkpoint file (default: the newest in the run folder)")
@@ -120,10 +127,11 @@ class TrainConfig:
 # Per (model, res): the model preset and the training numbers; explicit flags override them, and a res
 # not listed uses the nearest row. All numbers are ours (the paper publishes none): the paper-scale rows
 # take common large-scale practice (lr 1e-4, EMA 0.9999, batch 512, 10k warm-up steps) with the paper's
-# recipe (shifted schedule, eps loss, multiscale from 256); the 32 px row is the CPU demo.
+# recipe (shifted schedule, eps loss, multiscale from 256); the 32 px row is the CPU demo, whose sigmoid
+# bias 3.4 was tuned on it (SiD2's rule would give 2.8 at 32 px).
 _PAPER = dict(batch_size=512, lr=1e-4, warmup=10000, cooldown=0.0, ema_decay=0.9999, steps=500_000,
               weighting="eps", log_every=100, ckpt_every=5000, sample_every=5000, sample_steps=256, num_workers=8)
-_ROWS = {16: dict(preset="tiny", sigmoid_bias=4.8), 32: dict(preset="small"),   # 32 = the defaults
+_ROWS = {16: dict(preset="tiny"), 32: dict(preset="small", sigmoid_bias=3.4),    # 32 = the defaults
          64: dict(preset="64", **_PAPER), 128: dict(preset="128", **_PAPER),
          256: dict(preset="256", multiscale=True, **_PAPER), 512: dict(preset="512", multiscale=True, **_PAPER)}
 TRAIN_PRESETS = {(model, res): row for model in MODELS for res, row in _ROWS.items()}
@@ -157,6 +165,8 @@ def resolve_config(argv=None) -> TrainConfig:
     cfg.run_dir = cfg.run_dir or f"runs/{cfg.model}-{cfg.res}"
     if cfg.class_cond is None:   # the scenes' shape kind is a free label; a user's folder may have none
         cfg.class_cond = not cfg.data
+    if cfg.sigmoid_bias is None:   # resolved here, so config.json and checkpoints record the number
+        cfg.sigmoid_bias = losses.sid2_sigmoid_bias(cfg.res)
     return cfg
 
 
@@ -180,6 +190,9 @@ def check_config(cfg: TrainConfig, world_size: int) -> None:
         raise ConfigError(f"--batch-size {cfg.batch_size} is not divisible by world size {world_size} x "
                           f"--grad-accum {cfg.grad_accum} = {parts}; use a multiple of {parts} "
                           f"(e.g. {hi}{f' or {lo}' if lo else ''})")
+    if cfg.fsdp and world_size == 1:
+        raise ConfigError("--fsdp shards the model over several processes; run it under torchrun "
+                          "--nproc_per_node=N with N >= 2, or drop --fsdp")
     if cfg.resume and not Path(cfg.resume).exists():
         raise ConfigError(f"--resume {cfg.resume}: no such checkpoint file or run folder")
 
@@ -213,7 +226,7 @@ def build_dataset(cfg: TrainConfig, rank: int):
     """(dataset of (x (3, res, res) in [-1, 1], label), class names or None). A folder is checked on rank 0
     (every file decoded) and the verdict shared, so every rank fails or goes on together."""
     if not cfg.data:
-        scenes = data.Scenes(cfg.num_scenes, cfg.res, class_cond=cfg.class_cond)   # cached uint8 tensor
+        scenes = Scenes(cfg.num_scenes, cfg.res, class_cond=cfg.class_cond)   # cached uint8 tensor
         data.check_batch(len(scenes), cfg.batch_size, f"the built-in dataset (--num-scenes {cfg.num_scenes})")
         return scenes, scenes.class_names
     verdict = None
@@ -330,11 +343,11 @@ def draw_batch(loader, streams: RandomStreams, cfg: TrainConfig, num_classes: in
 
 def forward_backward(train_model, micro: list[tuple], schedule, cfg: TrainConfig, autocast) -> torch.Tensor:
     """Accumulate the gradient of the step's mean loss over its micro-batches; returns the loss (on the
-    device). Under DDP the gradient all-reduce runs only with the last micro-batch's backward."""
+    device). The ranks' gradients are averaged only with the last micro-batch's backward."""
     step_loss = torch.zeros((), device=micro[0][0].device)
     for m, (x, labels, t, eps) in enumerate(micro):
         last = m == len(micro) - 1
-        with contextlib.nullcontext() if last or not isinstance(train_model, DDP) else train_model.no_sync():
+        with gradient_sync(train_model, last):
             with autocast:
                 loss = losses.diffusion_loss(train_model, x, schedule, labels, multiscale=cfg.multiscale,
                                              weighting=cfg.weighting, sigmoid_bias=cfg.sigmoid_bias,
@@ -344,11 +357,27 @@ def forward_backward(train_model, micro: list[tuple], schedule, cfg: TrainConfig
     return step_loss
 
 
+def gradient_sync(train_model, last: bool):
+    """DDP: skip the all-reduce (no_sync) on all but the last micro-batch; FSDP: the same switch, set on
+    the module; one process: nothing to do."""
+    if isinstance(train_model, DDP):
+        return contextlib.nullcontext() if last else train_model.no_sync()
+    module = getattr(train_model, "_orig_mod", train_model)      # under torch.compile's wrapper
+    if isinstance(module, FSDPModule):
+        module.set_requires_gradient_sync(last)
+    return contextlib.nullcontext()
+
+
+def local(tensors) -> list[torch.Tensor]:
+    """This rank's part of each tensor: the local shard of an FSDP DTensor, else the tensor itself."""
+    return [t.to_local() if isinstance(t, DTensor) else t for t in tensors]
+
+
 @torch.no_grad()
 def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
-    """theta_ema <- theta_ema + (1 - decay) (theta - theta_ema), all tensors in one fused call; buffers
-    (none in our networks) are copied."""
-    torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1.0 - decay)
+    """theta_ema <- theta_ema + (1 - decay) (theta - theta_ema), all tensors in one fused call, shard by
+    shard under FSDP (the EMA is sharded like the model); buffers (none in our networks) are copied."""
+    torch._foreach_lerp_(local(ema.parameters()), local(model.parameters()), 1.0 - decay)
     for e, b in zip(ema.buffers(), model.buffers()):
         e.copy_(b)
 
@@ -442,17 +471,16 @@ def save(cfg: TrainConfig, pos: Position, model, ema, optimizer, streams: Random
     """Collective: every rank contributes its random states; rank 0 checks the weights and writes; if
     that fails, every rank stops (exit 1) with the previous checkpoint intact."""
     rngs, error = gather_objects(streams.state()), None
+    state = training_state(   # collective: full tensors gathered to rank 0
+        step=pos.step, model_name=cfg.model, model=model, ema=ema, optimizer=optimizer, schedule=schedule,
+        config=cfg, class_names=class_names, data_state={"epoch": pos.epoch, "batch": pos.batch, "num_images":
+                                                         num_images},
+        rng_state={"world_size": len(rngs), "device": streams.device.type, **{k: [r[k] for r in rngs] for k in rngs[0]}})
     if not is_dist() or dist.get_rank() == 0:
         try:
-            bad = [k for k, v in model.state_dict().items() if v.is_floating_point() and not v.isfinite().all()]
+            bad = [k for k, v in state["model"].items() if v.is_floating_point() and not v.isfinite().all()]
             if bad:
                 raise TrainingAborted(f"step {pos.step}: non-finite weights in {bad[:3]}; not saving them")
-            state = training_state(
-                step=pos.step, model_name=cfg.model, model=model, ema=ema, optimizer=optimizer, schedule=schedule,
-                config=cfg, class_names=class_names,
-                data_state={"epoch": pos.epoch, "batch": pos.batch, "num_images": num_images},
-                rng_state={"world_size": len(rngs), "device": streams.device.type,
-                           **{k: [r[k] for r in rngs] for k in rngs[0]}})
             log(f"saved {save_checkpoint(cfg.run_dir, state)}")
         except TrainingAborted as e:
             error = str(e)
@@ -464,9 +492,11 @@ def save(cfg: TrainConfig, pos: Position, model, ema, optimizer, streams: Random
 
 
 def sample_grid(cfg: TrainConfig, step: int, ema, schedule, num_classes: int, autocast, records, log) -> None:
-    """Rank 0: EMA samples from the fixed seeds 0..num_samples-1 (class seed % num_classes, guided), and
-    the loss curve so far. Training's random streams are left untouched."""
-    if is_dist() and dist.get_rank() != 0:
+    """EMA samples from the fixed seeds 0..num_samples-1 (class seed % num_classes, guided), and the loss
+    curve so far, written by rank 0. A sharded EMA needs every rank in its forward passes, so under FSDP all
+    ranks sample (the same images); else rank 0 alone. Training's random streams are left untouched."""
+    rank = dist.get_rank() if is_dist() else 0
+    if rank != 0 and not cfg.fsdp:
         return
     device = next(ema.parameters()).device
     labels = torch.arange(cfg.num_samples, device=device) % num_classes if num_classes else None
@@ -475,6 +505,8 @@ def sample_grid(cfg: TrainConfig, step: int, ema, schedule, num_classes: int, au
                         class_labels=labels, guidance=cfg.sample_guidance if num_classes else 0.0,
                         seeds=range(cfg.num_samples), progress=False)
     path = Path(cfg.run_dir) / "samples" / f"step_{step:08d}.png"
+    if rank != 0:
+        return
     data.save_grid(images, path)
     draw_loss_curve(records, Path(cfg.run_dir) / "loss_curve.png")
     log(f"samples: {path}")
@@ -570,11 +602,26 @@ class StopFlag:
               f"(Ctrl-C again aborts without saving)", file=sys.stderr, flush=True)
 
 
+def shard_model(model: torch.nn.Module, bf16: bool) -> None:
+    """FSDP2 in place: each conv level, U-Net middle block and transformer block is one unit whose
+    weights are gathered just before it runs and freed after; the root holds the rest (stem, embeddings,
+    head). On CUDA the gathered weights are bf16, gradients are reduced in fp32."""
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 \
+        else MixedPrecisionPolicy()
+    for unit in [*model.levels, *getattr(model, "middle", ()), *getattr(model, "blocks", ())]:
+        fully_shard(unit, mp_policy=policy)
+    for level in model.levels:              # a level runs through encode/decode, not forward
+        register_fsdp_forward_method(level, "encode")
+        register_fsdp_forward_method(level, "decode")
+    fully_shard(model, mp_policy=policy)
+
+
 def wrap_model(model, use_compile: bool, device: torch.device):
     """The callable that trains: torch.compile's wrapper of the raw module (if asked), inside DDP when
-    there are several ranks. The raw module stays what is saved and averaged, so keys carry no prefixes."""
+    there are several ranks (an FSDP-sharded module needs no wrapper). The raw module stays what is saved
+    and averaged, so keys carry no prefixes."""
     net = torch.compile(model) if use_compile else model
-    if not is_dist():
+    if not is_dist() or isinstance(model, FSDPModule):
         return net
     return DDP(net, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True)
 
@@ -618,6 +665,9 @@ def train(argv=None):
     torch.manual_seed(cfg.seed)
     model = MODELS[cfg.model][0](model_config(cfg, num_classes)).to(device)
     ema = copy.deepcopy(model).requires_grad_(False).eval()
+    if cfg.fsdp:                        # shard before the optimizer is built: it must hold the shards
+        shard_model(model, bf16=precision == "bf16" and cuda)
+        shard_model(ema, bf16=precision == "bf16" and cuda)
     schedule = get_schedule(cfg.schedule, cfg.res, noise_d=cfg.noise_d)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, cfg.beta2),
                                   weight_decay=cfg.weight_decay, **({"fused": True} if cuda else {}))
@@ -662,6 +712,7 @@ def train(argv=None):
             optimizer.zero_grad(set_to_none=True)
             loss = forward_backward(train_model, micro, schedule, cfg, autocast)   # the same draws again
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
+        grad_norm = grad_norm.full_tensor() if isinstance(grad_norm, DTensor) else grad_norm   # FSDP: a DTensor
         bad, stopping = agree_on_step(loss, grad_norm, stop)
         if bad:
             bad_steps += 1

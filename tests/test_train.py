@@ -38,7 +38,7 @@ import pytest
 import torch
 from PIL import Image
 
-import data
+import scenes
 import checkpoint
 import train
 
@@ -216,7 +216,7 @@ def test_smoke_run_and_checkpoint_format(tmp_path):
     for key in ("step", "model_name", "model_config", "model", "ema", "optimizer", "schedule", "config",
                 "class_names", "data_state", "rng_state"):
         assert key in ckpt
-    assert ckpt["step"] == 6 and ckpt["model_name"] == "unet" and ckpt["class_names"] == list(data.KINDS)
+    assert ckpt["step"] == 6 and ckpt["model_name"] == "unet" and ckpt["class_names"] == list(scenes.KINDS)
     assert ckpt["config"] == json.loads((run_dir / "config.json").read_text())
     for weights in ("model", "ema"):
         assert not any(k.startswith(("_orig_mod.", "module.")) for k in ckpt[weights])
@@ -331,6 +331,50 @@ def test_torchrun_two_ranks_end_identical(tmp_path):
     assert not same_tensors(init.state_dict(), r0["model"])
 
 
+def torchrun(args, cwd, nproc=2):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", TRAIN,
+           *map(str, args)]
+    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=600, env=ENV)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+@pytest.mark.slow
+def test_fsdp_equals_ddp_resumes_exactly_and_samples(tmp_path):
+    """FSDP2 (gloo, 2 CPU processes) against a second route to the same numbers: DDP on the same data and
+    noise must end with the same weights up to float rounding (the gradient is reduced in another order);
+    an FSDP run stopped after 2 steps and resumed must end bit-identical to an uninterrupted one; a DDP
+    checkpoint resumes under FSDP; sample.py reads an FSDP checkpoint in one process."""
+    common = ["--model", "uvit", *TINY, "--sample-every", "0"]
+    torchrun([*common, "--steps", "4", "--run-dir", tmp_path / "ddp"], tmp_path)
+    torchrun([*common, "--steps", "4", "--fsdp", "--run-dir", tmp_path / "fsdp"], tmp_path)
+    ddp, fsdp = load(tmp_path / "ddp" / "ckpt_00000004.pt"), load(tmp_path / "fsdp" / "ckpt_00000004.pt")
+    for key in ("model", "ema"):
+        assert ddp[key].keys() == fsdp[key].keys()
+        for name in ddp[key]:
+            torch.testing.assert_close(fsdp[key][name], ddp[key][name], rtol=1e-5, atol=1e-6)
+    init = checkpoint.build_model("uvit", ddp["model_config"])
+    assert not all(torch.equal(init.state_dict()[k], ddp["model"][k]) for k in ddp["model"])   # it moved
+    torchrun([*common, "--steps", "2", "--fsdp", "--run-dir", tmp_path / "resumed"], tmp_path)
+    proc = torchrun([*common, "--steps", "4", "--fsdp", "--run-dir", tmp_path / "resumed"], tmp_path)
+    assert "at step 2" in proc.stderr
+    assert_same_training_state(load(tmp_path / "resumed" / "ckpt_00000004.pt"), fsdp)
+    torchrun([*common, "--steps", "2", "--run-dir", tmp_path / "cross"], tmp_path)                 # DDP ...
+    torchrun([*common, "--steps", "4", "--fsdp", "--run-dir", tmp_path / "cross"], tmp_path)       # ... then FSDP
+    cross = load(tmp_path / "cross" / "ckpt_00000004.pt")
+    for name in ddp["model"]:
+        torch.testing.assert_close(cross["model"][name], ddp["model"][name], rtol=1e-5, atol=1e-6)
+    out = tmp_path / "grid.png"
+    done = subprocess.run([sys.executable, str(REPO / "sample.py"), "--ckpt", str(tmp_path / "fsdp"), "--steps", "2",
+                           "--num-images", "4", "--out", str(out)], capture_output=True, text=True, env=ENV, timeout=120)
+    assert done.returncode == 0 and Image.open(out).size == (2 * 16 + 3 * 2,) * 2, done.stderr[-2000:]
+
+
+def test_fsdp_needs_several_processes(tmp_path):
+    proc = run([*TINY, "--fsdp", "--run-dir", tmp_path / "r"], tmp_path)
+    assert proc.returncode == 2 and "torchrun" in error_line(proc) and not (tmp_path / "r").exists()
+
+
 # ----------------------------------------------------------------------------------------------------
 # It learns
 
@@ -368,7 +412,7 @@ def test_it_learns(tmp_path):
     def logsnr_np(t):
         return -2 * np.log(np.tan(a + t * (b - a))) + 2 * math.log(64 / res)
 
-    scenes = data.Scenes(512, res)
+    scenes = scenes.Scenes(512, res)
     x = torch.stack([scenes[i][0] for i in range(256)])                 # (256, 3, res, res)
     l0 = v_zero_loss(logsnr_np, float(x.square().mean()))
 
