@@ -408,7 +408,7 @@ def error_exit_code(e: BaseException, print_error: bool = True) -> int:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description="Check an image folder as training would, and show its first images.")
+    p = argparse.ArgumentParser(description="Check an image folder as training would; show its first images.")
     p.add_argument("--data", required=True, help="image folder to check (recursive; classes = sub-folders)")
     p.add_argument("--res", type=int, default=64, help="image width in pixels")
     p.add_argument("--class-cond", action="store_true", help="use first-level sub-folders as classes")
