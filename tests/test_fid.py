@@ -1,22 +1,20 @@
 """
-fid.py against independent references, with deterministic random Inception weights (the real 95 MB
-file is not needed, and not available offline):
+fid.py against independent references (Inception itself is tested in test_inception.py; here it has
+deterministic random weights, or a cheap stand-in, since the real 95 MB file is not available offline):
 - frechet_distance: closed forms (identical stats, commuting covariances, rank-1 and rank-k
   covariances via singular values), scipy.linalg.sqrtm on well-conditioned cases, float32 inputs handled
   in float64, the covariance orientation (D x D from an (N, D) feature matrix), and refusals.
 - RunningMoments: streaming float64 mean/covariance equal numpy's on the concatenated features, also
   with a large offset where a naive E[ff^T] - mu mu^T would lose the digits.
-- InceptionV3: state-dict keys and shapes equal the published file's list; the TF-style pools (padding
-  excluded; max pool in Mixed_7c) against numpy window loops; preprocessing against a hand-written
-  bilinear resize; (B, 2048) finite features at 32x32 and 299x299; batch-size invariance.
-- Pipelines: folder of PNGs and tensors in [-1, 1] give the statistics of one-at-a-time features;
-  the uint8 quantisation rule by hand.
-- Weights loading (strict, with and without num_batches_tracked; missing, corrupt, foreign, offline
-  download), stats files (round trip, pytorch-fid layout, atomic writes, metadata mismatch), the bad
-  inputs of bad-inputs.md, and the CLI end to end in a subprocess.
+- KID: the full-set estimator against a double loop over the definition (Binkowski et al. 2018); random
+  subsets average to the full-set U-statistic; about 0 for one distribution, growing with a mean shift;
+  independent of row and batch order, deterministic for a seed; too large a subset warns and shrinks.
+- Pipelines: folder of PNGs and tensors in [-1, 1] give the statistics (and features) of one-at-a-time
+  features; non-finite features are refused naming the images.
+- Stats files (round trip, features on request, pytorch-fid layout, atomic writes, metadata mismatch),
+  and the CLI end to end in a subprocess: FID and KID against closed forms, exit code 2 for the bad
+  inputs of bad-inputs.md, 1 for failures (no network, disk full).
 """
-import hashlib
-import json
 import os
 import re
 import subprocess
@@ -31,36 +29,13 @@ import torch.nn as nn
 from PIL import Image
 
 import fid
+import inception
+from test_inception import random_inception
 
 ROOT = Path(__file__).resolve().parents[1]
-KEYS_JSON = Path("/work/shared/design/fid_inception_state_dict_keys.json")
-# sha256 of json.dumps([[key, shape], ...]) over that list, in file order
-KEYS_SHA256 = "a7a15da1ed154b7574faa006bd5c8ac6ff96d0d5f879ca050475348d2a4368d9"
 
 
 # ---------------------------------------------------------------------------------------- helpers
-
-def random_inception(seed=0) -> fid.InceptionV3:
-    """He-initialised convolutions and perturbed BatchNorm statistics, so every value in the state dict
-    differs from PyTorch's defaults (a load that silently skipped a tensor would show) and activations
-    stay O(1) through the 94 layers."""
-    g = torch.Generator().manual_seed(seed)
-    model = fid.InceptionV3()
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.Conv2d):
-                m.weight.copy_(torch.randn(m.weight.shape, generator=g) * (2 / m.weight[0].numel()) ** 0.5)
-            elif isinstance(m, nn.BatchNorm2d):
-                c = m.num_features
-                m.weight.copy_(0.9 + 0.2 * torch.rand(c, generator=g))
-                m.bias.copy_(0.05 * torch.randn(c, generator=g))
-                m.running_mean.copy_(0.05 * torch.randn(c, generator=g))
-                m.running_var.copy_(1 + 0.5 * torch.rand(c, generator=g))
-                m.num_batches_tracked.fill_(123)
-        model.fc.weight.copy_(0.01 * torch.randn(model.fc.weight.shape, generator=g))
-        model.fc.bias.copy_(0.01 * torch.randn(1008, generator=g))
-    return model.eval()
-
 
 def random_psd(d, n, rng, scale=1.0):
     """A full-rank (n > d) sample covariance and a mean."""
@@ -79,6 +54,18 @@ def stats_of(features: np.ndarray):
     return f.mean(0), np.cov(f, rowvar=False)
 
 
+def mmd2_by_loops(x: np.ndarray, y: np.ndarray) -> float:
+    """The unbiased MMD^2 with KID's kernel k(a, b) = (a.b / d + 1)^3, term by term from its definition
+    (Binkowski et al. 2018, Eq. 4; Gretton et al. 2012, Eq. 3), for any two sample sizes."""
+    d, m, n = x.shape[1], len(x), len(y)
+
+    def k(a, b):
+        return (float(np.dot(a, b)) / d + 1.0) ** 3
+    xx = sum(k(x[i], x[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
+    yy = sum(k(y[i], y[j]) for i in range(n) for j in range(n) if i != j) / (n * (n - 1))
+    return xx + yy - 2.0 * sum(k(a, b) for a in x for b in y) / (m * n)
+
+
 @pytest.fixture(scope="module")
 def model():
     return random_inception()
@@ -94,18 +81,15 @@ def images():
 def one_by_one(model, images) -> np.ndarray:
     """Reference features: each image on its own through `model` (no batching effects)."""
     with torch.inference_mode():
-        return np.concatenate([model(fid.quantize_to_uint8(x[i:i + 1])).numpy()
+        return np.concatenate([model(inception.quantize_to_uint8(x[i:i + 1])).numpy()
                                for x in images for i in range(len(x))])
 
 
 @pytest.fixture(scope="module")
-def weights_files(model, tmp_path_factory):
-    d = tmp_path_factory.mktemp("weights")
-    full, no_counter = d / "random_inception.pth", d / "random_inception_no_nbt.pth"
-    state = model.state_dict()
-    torch.save(state, full)
-    torch.save({k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}, no_counter)
-    return full, no_counter
+def weights_file(model, tmp_path_factory):
+    path = tmp_path_factory.mktemp("weights") / "random_inception.pth"
+    torch.save(model.state_dict(), path)
+    return path
 
 
 class PixelFeatures(nn.Module):
@@ -113,7 +97,7 @@ class PixelFeatures(nn.Module):
     Inception features: the preprocessed image average-pooled to 4x4, (B, 48)."""
 
     def forward(self, images):
-        return nn.functional.adaptive_avg_pool2d(fid.preprocess(images), 4).flatten(1)
+        return nn.functional.adaptive_avg_pool2d(inception.preprocess(images), 4).flatten(1)
 
 
 class FeatureStub(nn.Module):
@@ -126,7 +110,7 @@ class FeatureStub(nn.Module):
         self.dummy = nn.Parameter(torch.zeros(1))
 
     def forward(self, images):
-        fid.preprocess(images)  # same input contract as the real network
+        inception.preprocess(images)  # same input contract as the real network
         out = torch.randn(images.shape[0], 8, generator=torch.Generator().manual_seed(self.seen))
         for i in range(images.shape[0]):
             if self.seen + i in self.nan_rows:
@@ -254,162 +238,103 @@ def test_running_moments_need_two_samples():
         moments.mean_cov()
 
 
-# ---------------------------------------------------------------------------------------- the network
-
-def test_state_dict_matches_published_weights_file():
-    state = fid.InceptionV3().state_dict()
-    listing = [[k, list(v.shape)] for k, v in state.items()]
-    # the design folder's key list of pt_inception-2015-12-05-6726825d.pth, compared in full when present
-    if KEYS_JSON.is_file():
-        assert listing == [[k, s] for k, s in json.loads(KEYS_JSON.read_text()).items()]
-    # and always against its digest, so the check survives without the design folder
-    assert hashlib.sha256(json.dumps(listing).encode()).hexdigest() == KEYS_SHA256
-    assert len(listing) == 566 and sum(v.numel() for v in state.values()) == 23_885_486  # ~23.9 M
-
-
-def _window_reduce(x: np.ndarray, how: str) -> np.ndarray:
-    """3x3 stride-1 pooling of (C, H, W) by explicit loops over the pixels inside the image."""
-    c, h, w = x.shape
-    out = np.empty_like(x)
-    for i in range(h):
-        for j in range(w):
-            win = x[:, max(i - 1, 0):i + 2, max(j - 1, 0):j + 2].reshape(c, -1)
-            out[:, i, j] = win.mean(1) if how == "mean" else win.max(1)
-    return out
-
-
-@pytest.mark.parametrize("block,c_in,how", [("Mixed_5b", 192, "mean"), ("Mixed_6c", 768, "mean"),
-                                            ("Mixed_7b", 1280, "mean"), ("Mixed_7c", 2048, "max")])
-def test_pool_branches_follow_the_tf_graph(model, block, c_in, how):
-    # FID changes: TF's average pool ignores the zero padding; Mixed_7c max-pools.
-    x = torch.randn(1, c_in, 5, 6, generator=torch.Generator().manual_seed(10))
-    seen = {}
-    branch = getattr(model, block).branch_pool
-    handle = branch.register_forward_pre_hook(lambda mod, inp: seen.update(x=inp[0]))  # returns None
-    with torch.inference_mode():
-        getattr(model, block)(x)
-    handle.remove()
-    assert np.allclose(seen["x"][0].numpy(), _window_reduce(x[0].numpy(), how), atol=1e-5)
-
-
-def _bilinear_half_pixel(img: np.ndarray, size: int) -> np.ndarray:
-    """Bilinear resize of (H, W) with half-pixel centres (src = (i + 0.5) in/out - 0.5, clamped at 0)."""
-    def taps(n_in):
-        src = np.clip((np.arange(size) + 0.5) * n_in / size - 0.5, 0, None)
-        i0 = np.floor(src).astype(int)
-        return i0, np.minimum(i0 + 1, n_in - 1), src - i0
-    r0, r1, wr = taps(img.shape[0])
-    c0, c1, wc = taps(img.shape[1])
-    rows = img[r0] * (1 - wr)[:, None] + img[r1] * wr[:, None]
-    return rows[:, c0] * (1 - wc) + rows[:, c1] * wc
-
-
-def test_preprocess_is_pytorch_fid_convention():
-    u8 = torch.randint(0, 256, (1, 3, 7, 5), dtype=torch.uint8, generator=torch.Generator().manual_seed(11))
-    x = fid.preprocess(u8)
-    assert x.shape == (1, 3, 299, 299)
-    expected = _bilinear_half_pixel(u8[0, 1].double().numpy() / 255, 299) * 2 - 1
-    assert np.allclose(x[0, 1].numpy(), expected, atol=2e-6)
-    big = torch.randint(0, 256, (1, 3, 299, 299), dtype=torch.uint8)
-    assert torch.allclose(fid.preprocess(big), big.double().div(127.5).sub(1).float(), atol=1e-6)
-    with pytest.raises(fid.FIDError, match="uint8"):
-        fid.preprocess(torch.zeros(1, 3, 8, 8))
-
-
-def test_quantisation_rule_by_hand():
-    x = torch.tensor([-1.5, -1.0, 0.0, 1.0, 2.0, -1 + 0.4 / 127.5, -1 + 1.6 / 127.5, 1 / 255, 0.999])
-    # (x + 1) * 127.5, clamped to [0, 255], rounded: 0.4 -> 0, 1.6 -> 2, 127.5 -> 128, 128 -> 128, 254.87 -> 255
-    expected = [0, 0, 128, 255, 255, 0, 2, 128, 255]
-    assert fid.quantize_to_uint8(x.view(1, 1, 1, -1)).flatten().tolist() == expected
-    levels = torch.arange(256, dtype=torch.float64) / 127.5 - 1  # every uint8 level survives the round trip
-    assert fid.quantize_to_uint8(levels.float().view(1, 1, 1, -1)).flatten().tolist() == list(range(256))
-    with pytest.raises(fid.FIDError, match=r"NaN/inf \(batch indices \[1\]\)"):
-        fid.quantize_to_uint8(torch.tensor([0.0, float("nan")]).view(2, 1, 1, 1))
-
-
-def test_features_shape_finite_and_batch_invariant(model, images):
-    x32 = images[0]  # two 32x32 images in [-1, 1]
-    x299 = torch.randint(0, 256, (1, 3, 299, 299), dtype=torch.uint8, generator=torch.Generator().manual_seed(12))
-    with torch.inference_mode():
-        f32, f299 = model(fid.quantize_to_uint8(x32)), model(x299)
-    assert f32.shape == (2, 2048) and f299.shape == (1, 2048)
-    for f in (f32, f299):
-        assert f.dtype == torch.float32 and torch.isfinite(f).all()
-    assert (f32[0] - f32[1]).abs().max() > 0  # features depend on the image
-    # the batch of 2 equals the images one at a time
-    assert np.allclose(f32.numpy(), one_by_one(model, [x32]), rtol=1e-4, atol=1e-6)
-
-
 # ---------------------------------------------------------------------------------------- pipelines
 
 def test_folder_and_tensor_routes_equal_one_by_one_statistics(images, tmp_path):
     # the PNGs a sampler would write: mixed sizes, nested folders, an upper-case extension
     for k, x in enumerate(images):
         for i in range(2):
-            write_png(tmp_path / f"sub{k}" / f"img{i}.PNG", fid.quantize_to_uint8(x[i:i + 1])[0])
+            write_png(tmp_path / f"sub{k}" / f"img{i}.PNG", inception.quantize_to_uint8(x[i:i + 1])[0])
     model = PixelFeatures()
-    ref_mu, ref_sigma = stats_of(one_by_one(model, images))
-    from_folder = fid.compute_stats_from_folder(tmp_path, model, batch_size=3, progress=False)
-    from_tensors = fid.compute_stats_from_tensors(iter(images), model)
+    reference = one_by_one(model, images)   # sorted file names = stream order here
+    ref_mu, ref_sigma = stats_of(reference)
+    from_folder = fid.compute_stats_from_folder(tmp_path, model, batch_size=3, progress=False, keep_features=True)
+    from_tensors = fid.compute_stats_from_tensors(iter(images), model, keep_features=True)
     for s in (from_folder, from_tensors):
         assert s.n == 4
         assert np.allclose(s.mu, ref_mu, rtol=1e-6, atol=1e-7)
         assert np.allclose(s.sigma, ref_sigma, rtol=1e-5, atol=1e-8)
         assert s.meta["resolution"] == "mixed (2 sizes)" and s.meta["weights"] == "unknown"
+        assert s.features.dtype == np.float32 and np.allclose(s.features, reference, rtol=1e-6, atol=1e-7)
+    # features are opt-in: N x 8 KB with the real network
+    assert fid.compute_stats_from_tensors(iter(images), model).features is None
 
 
-# ---------------------------------------------------------------------------------------- weights
-
-def test_strict_load_with_and_without_batchnorm_counters(model, weights_files):
-    for path in weights_files:
-        with pytest.warns(UserWarning, match="not the standard FID weights"):
-            loaded = fid.load_inception(path)
-        assert loaded.weights_id == hashlib.sha256(path.read_bytes()).hexdigest()[:8]
-        assert not loaded.training and not any(p.requires_grad for p in loaded.parameters())
-        for key, value in model.state_dict().items():
-            if key.endswith("num_batches_tracked") and path.name.endswith("no_nbt.pth"):
-                continue
-            assert torch.equal(loaded.state_dict()[key], value), key
+def test_non_finite_features_are_refused_naming_the_images():
+    batches = [torch.zeros(3, 3, 8, 8), torch.zeros(2, 3, 8, 8)]
+    with pytest.raises(fid.FIDError, match=r"2 image\(s\): generated image 0, generated image 2 "):
+        fid.compute_stats_from_tensors(batches, FeatureStub(nan_rows=[0, 2]))
+    with pytest.raises(fid.FIDError, match=r"1 image\(s\): generated image 4 "):   # numbered across batches
+        fid.compute_stats_from_tensors(batches, FeatureStub(nan_rows=[4]))
 
 
-def _assert_weights_message(message: str):
-    for part in (fid.FID_WEIGHTS_NAME, fid.FID_WEIGHTS_URL, fid.FID_WEIGHTS_HASH, "--weights"):
-        assert part in message
+# ---------------------------------------------------------------------------------------- KID
+
+def test_kid_full_set_estimator_equals_double_loop():
+    rng = np.random.default_rng(40)
+    x, y = rng.standard_normal((7, 5)), rng.standard_normal((7, 5)) * 1.3 + 0.4
+    mean, std = fid.kernel_inception_distance(x, y, subset_size=7, num_subsets=1)
+    assert mean == pytest.approx(mmd2_by_loops(x, y), rel=1e-12) and std == 0.0
+    # float32 tensors are accepted and computed in float64 (float32 arithmetic would be ~1e-7 off)
+    x32, y32 = torch.from_numpy(x).float(), torch.from_numpy(y).float()
+    mean32, _ = fid.kernel_inception_distance(x32, y32, subset_size=7, num_subsets=1)
+    assert mean32 == pytest.approx(mmd2_by_loops(x32.double().numpy(), y32.double().numpy()), rel=1e-12)
 
 
-def test_missing_corrupt_and_foreign_weights(tmp_path):
-    with pytest.raises(fid.FIDError, match="no such file") as e:
-        fid.load_inception(tmp_path / "nope.pth")
-    _assert_weights_message(str(e.value))
-    corrupt = tmp_path / "corrupt.pth"
-    corrupt.write_bytes(b"\x00not a torch file" * 100)
-    with pytest.warns(UserWarning), pytest.raises(fid.FIDError, match="corrupt.pth: cannot read weights") as e:
-        fid.load_inception(corrupt)
-    _assert_weights_message(str(e.value))
-    foreign = tmp_path / "foreign.pth"
-    torch.save({"fc.weight": torch.zeros(3, 3)}, foreign)
-    with pytest.warns(UserWarning), pytest.raises(fid.FIDError, match="not the FID Inception state dict"):
-        fid.load_inception(foreign)
+def test_kid_random_subsets_average_to_the_full_set_estimator():
+    # MMD^2_u is a U-statistic: over subsets drawn without replacement, its mean is the full-set value
+    # (with replacement, repeated rows would enter the i != j sums and bias it upward).
+    rng = np.random.default_rng(41)
+    x, y = rng.standard_normal((12, 4)), rng.standard_normal((10, 4)) * 1.2 + 0.3
+    mean, std = fid.kernel_inception_distance(x, y, subset_size=4, num_subsets=4000)
+    assert abs(mean - mmd2_by_loops(x, y)) < 4 * std / np.sqrt(4000)
 
 
-def test_default_weights_offline_and_corrupt_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-    cached = tmp_path / "hub" / "checkpoints" / fid.FID_WEIGHTS_NAME
-    assert fid.cached_weights_path() == cached and fid.find_weights() is None
+def test_kid_near_zero_for_one_distribution_and_grows_with_a_shift():
+    rng = np.random.default_rng(42)
+    x, y = rng.standard_normal((400, 16)), rng.standard_normal((400, 16))
+    same_mean, same_std = fid.kernel_inception_distance(x, y, subset_size=100, num_subsets=50)
+    assert abs(same_mean) < 3 * same_std
+    shifted = [fid.kernel_inception_distance(x, y + s, subset_size=100, num_subsets=50) for s in (0.25, 0.5, 1.0)]
+    assert shifted[0][0] > 3 * same_std
+    assert shifted[0][0] < shifted[1][0] < shifted[2][0]
 
-    def offline(url, dst, hash_prefix=None, progress=True):
-        assert url == fid.FID_WEIGHTS_URL and hash_prefix == fid.FID_WEIGHTS_HASH
-        raise OSError("<urlopen error [Errno -3] Temporary failure in name resolution>")
-    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
-    with pytest.raises(fid.FIDError, match="cannot download") as e:
-        fid.load_inception()
-    _assert_weights_message(str(e.value))
-    assert str(cached) in str(e.value) and not cached.exists()
-    cached.write_bytes(b"truncated download")  # a half-written cache file
-    with pytest.raises(fid.FIDError, match="corrupt .*delete it to re-download") as e:
-        fid.load_inception()
-    _assert_weights_message(str(e.value))
-    assert fid.find_weights() == cached
+
+def test_kid_depends_on_the_feature_sets_and_seed_only(images):
+    # the pipeline's features, batch by batch, in two batch orders, against one array of the same images
+    model = PixelFeatures()
+    batches = [images[0], images[1], images[0].flip(-1)]   # 6 images, 2 sizes
+    forward = fid.compute_stats_from_tensors(batches, model, keep_features=True).features
+    backward = fid.compute_stats_from_tensors(batches[::-1], model, keep_features=True).features
+    at_once = one_by_one(model, batches)
+    other = np.random.default_rng(43).standard_normal((9, 48)) * 0.1
+    kid = fid.kernel_inception_distance(at_once, other, subset_size=4, num_subsets=20, seed=3)
+    assert fid.kernel_inception_distance(forward, other, 4, 20, seed=3) == pytest.approx(kid, rel=1e-9)
+    assert fid.kernel_inception_distance(backward, other, 4, 20, seed=3) == fid.kernel_inception_distance(
+        forward, other, 4, 20, seed=3)                                   # subsets do not depend on row order
+    shuffled = other[np.random.default_rng(44).permutation(9)]
+    assert fid.kernel_inception_distance(at_once, shuffled, 4, 20, seed=3) == kid
+    assert fid.kernel_inception_distance(at_once, other, 4, 20, seed=4) != kid   # the seed picks the subsets
+
+
+def test_kid_subset_larger_than_a_set_warns_and_uses_the_largest_valid_size():
+    rng = np.random.default_rng(45)
+    x, y = rng.standard_normal((5, 3)), rng.standard_normal((5, 3)) + 0.2
+    with pytest.warns(UserWarning, match="subset size 1000 > 5 images .*using 5"):
+        mean, std = fid.kernel_inception_distance(x, y, num_subsets=3)
+    assert mean == pytest.approx(mmd2_by_loops(x, y), rel=1e-12) and std == pytest.approx(0.0, abs=1e-12)
+    with pytest.warns(UserWarning, match="subset size 7 > 5 images"):
+        fid.kernel_inception_distance(x, np.vstack([y, y + 1]), subset_size=7, num_subsets=2)
+
+
+def test_kid_refuses_bad_features():
+    x = np.zeros((4, 3))
+    with pytest.raises(fid.FIDError, match=">= 2 images"):
+        fid.kernel_inception_distance(x[:1], x, subset_size=2)
+    with pytest.raises(fid.FIDError, match="3 and 2 dims"):
+        fid.kernel_inception_distance(x, x[:, :2])
+    with pytest.raises(fid.FIDError, match="finite"):
+        fid.kernel_inception_distance(x, np.full((4, 3), np.nan))
 
 
 # ---------------------------------------------------------------------------------------- stats files
@@ -433,6 +358,26 @@ def test_stats_file_round_trip_layout_and_atomicity(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="No space"):
         fid.save_stats(out, fid.FIDStats(mu + 1, sigma, 30))
     assert out.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["ref.npz"]
+
+
+def test_stats_file_keeps_features_on_request(tmp_path):
+    rng = np.random.default_rng(15)
+    features = rng.random((5, 6)).astype(np.float32)
+    mu, sigma = stats_of(features)
+    fid.save_stats(tmp_path / "with.npz", fid.FIDStats(mu, sigma, 5, {}, features))
+    fid.save_stats(tmp_path / "without.npz", fid.FIDStats(mu, sigma, 5, {}))
+    back = fid.load_stats(tmp_path / "with.npz")
+    assert back.features.dtype == np.float32 and np.array_equal(back.features, features)
+    assert fid.load_stats(tmp_path / "without.npz").features is None
+    with np.load(tmp_path / "without.npz") as f:
+        assert "features" not in f.files
+    np.savez(tmp_path / "short.npz", mu=mu, sigma=sigma, features=features[:4],
+             meta=np.array('{"n": 5}'))   # rows disagree with N
+    with pytest.raises(fid.FIDError, match="4 feature rows, but the statistics are of N = 5"):
+        fid.load_stats(tmp_path / "short.npz")
+    np.savez(tmp_path / "narrow.npz", mu=mu, sigma=sigma, features=features[:, :3])
+    with pytest.raises(fid.FIDError, match=r"'features' must be a finite \(N, 6\) array"):
+        fid.load_stats(tmp_path / "narrow.npz")
 
 
 def test_foreign_and_bad_stats_files(tmp_path):
@@ -472,10 +417,19 @@ def _folder_features(model, folder: Path) -> np.ndarray:
                                      .permute(2, 0, 1)[None]).numpy() for p in sorted(folder.glob("*.png"))])
 
 
+def _run_cli(args: list[str]) -> subprocess.CompletedProcess:
+    """The real command line in a fresh interpreter. One BLAS/OpenMP thread: on a busy shared machine
+    two spinning threads made the d = 2048 eigh 10x slower; values are unaffected."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    return subprocess.run([sys.executable, "fid.py", *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
+
+
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:.*not the standard FID weights")
-def test_cli_end_to_end(model, weights_files, tmp_path):
+def test_cli_end_to_end(model, weights_file, tmp_path):
     a, b = _folder(tmp_path / "a", 3, seed=20), _folder(tmp_path / "b", 2, seed=21, size=24)
-    common = ["--weights", str(weights_files[0]), "--device", "cpu", "--batch-size", "2"]
+    common = ["--weights", str(weights_file), "--device", "cpu", "--batch-size", "2"]
     # --save-stats in-process (one interpreter start less), with a data-loading worker process
     with pytest.warns(UserWarning, match=r"a: N = 3 < 2048"):
         assert fid.main(["--save-stats", str(a), str(tmp_path / "a.npz"), "--num-workers", "1", *common]) == 0
@@ -484,11 +438,8 @@ def test_cli_end_to_end(model, weights_files, tmp_path):
     stats_a = fid.load_stats(tmp_path / "a.npz")
     assert stats_a.n == 3 and np.allclose(stats_a.mu, ref_a[0], rtol=1e-5, atol=1e-7)
     assert np.allclose(stats_a.sigma, ref_a[1], rtol=1e-4, atol=1e-10)
-    # then the real command line in a fresh interpreter: stats file vs folder. One BLAS/OpenMP thread:
-    # on a busy shared machine two spinning threads made the d = 2048 eigh 10x slower; values unaffected.
-    env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    result = subprocess.run([sys.executable, "fid.py", str(tmp_path / "a.npz"), str(b), "--num-workers", "0",
-                             *common], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert stats_a.features is None   # not asked for
+    result = _run_cli([str(tmp_path / "a.npz"), str(b), "--num-workers", "0", *common])   # stats file vs folder
     assert result.returncode == 0, result.stderr
     # closed form for N < D (see test_rank_deficient_covariances_closed_form), cheaper than a d = 2048 eigh
     x_a, x_b = feats_a - feats_a.mean(0), feats_b - feats_b.mean(0)
@@ -502,23 +453,77 @@ def test_cli_end_to_end(model, weights_files, tmp_path):
     assert "resolution: '32x32' vs '24x24'" in result.stderr              # metadata mismatch
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:.*not the standard FID weights")
-def test_cli_bad_inputs_fail_early_with_one_line(weights_files, tmp_path, capsys):
+def test_cli_kid_end_to_end(model, weights_file, tmp_path):
+    a, b = _folder(tmp_path / "a", 3, seed=30), _folder(tmp_path / "b", 3, seed=31, size=24)
+    common = ["--weights", str(weights_file), "--device", "cpu", "--num-workers", "0"]
+    feats_a, feats_b = _folder_features(model, a).astype(np.float64), _folder_features(model, b).astype(np.float64)
+    expected = mmd2_by_loops(feats_a, feats_b)   # both sets of 3: every subset of 3 is the full set
+    # Random-weight features are ~0.06, so k ~ 1.03 and KID is small; float32 features move it by ~1e-8.
+    tol = 1e-7
+    assert expected > 100 * tol   # the two folders really differ, so the checks below have teeth
+    # --save-stats --keep-features in-process: the file carries the features of the folder
+    with pytest.warns(UserWarning, match="N = 3 < 2048"):
+        assert fid.main(["--save-stats", "--keep-features", str(a), str(tmp_path / "a.npz"), *common]) == 0
+    assert np.allclose(fid.load_stats(tmp_path / "a.npz").features, feats_a, rtol=1e-5, atol=1e-7)
+    # the real command line: stats file with features vs folder; the default subset size 1000 > 3 warns
+    # and uses 3, so both subsets are the full sets
+    result = _run_cli([str(tmp_path / "a.npz"), str(b), "--kid", "--kid-subsets", "2", *common])
+    assert result.returncode == 0, result.stderr
+    assert "warning: KID subset size 1000 > 3 images (the smaller set): using 3" in result.stderr
+    kid, std = map(float, re.search(r"KID: (\S+) \+- (\S+)", result.stdout).groups())
+    assert kid == pytest.approx(expected, rel=1e-5, abs=tol) and std == pytest.approx(0.0, abs=tol)
+    assert re.search(r"FID: \S+", result.stdout) and f"N = 3: {b}" in result.stdout
+
+
+@pytest.mark.filterwarnings("ignore:.*not the standard FID weights")
+def test_cli_bad_inputs_fail_early_with_one_line(weights_file, tmp_path, capsys):
     good = _folder(tmp_path / "good", 2, seed=22, size=8)
     (tmp_path / "empty").mkdir()
     _folder(tmp_path / "single", 1, seed=23, size=8)
     broken = _folder(tmp_path / "broken", 2, seed=24, size=8)
     (broken / "0.png").write_bytes(b"\x89PNG truncated")
-    w = ["--weights", str(weights_files[0]), "--device", "cpu"]
+    w = ["--weights", str(weights_file), "--device", "cpu"]
+    mu, sigma = random_psd(4, 10, np.random.default_rng(25))
+    np.savez(tmp_path / "no_features.npz", mu=mu, sigma=sigma)
     cases = [([str(good), str(tmp_path / "empty"), *w], "no images found"),
              ([str(good), str(tmp_path / "single"), *w], "at least 2 images, found 1"),
              ([str(good), str(tmp_path / "missing"), *w], "not a folder of images"),
-             ([str(good), str(good), "--weights", str(tmp_path / "none.pth")], fid.FID_WEIGHTS_URL),
+             ([str(good), str(good), "--weights", str(tmp_path / "none.pth")], inception.FID_WEIGHTS_URL),
              ([str(good), str(good), *w, "--device", "gpu0"], "--device gpu0"),
              (["--save-stats", str(good), str(tmp_path / "x.txt"), *w], "output .npz"),
-             ([str(broken), str(good), *w, "--num-workers", "1"], "0.png: cannot read image")]
+             ([str(broken), str(good), *w, "--num-workers", "1"], "0.png: cannot read image"),
+             ([str(tmp_path / "no_features.npz"), str(good), "--kid", *w], "no features stored, and KID needs"),
+             ([str(tmp_path / "bad.npz"), str(good), *w], "bad.npz: cannot read stats file"),
+             ([str(good), str(good), "--keep-features", *w], "--keep-features only applies to --save-stats"),
+             ([str(good), str(good), "--kid", "--kid-subset-size", "1", *w], "--kid-subset-size must be >= 2")]
+    (tmp_path / "bad.npz").write_bytes(b"not a zip")
     for argv, needle in cases:
-        assert fid.main(argv) == 1
+        assert fid.main(argv) == 2   # a bad input: the usage exit code
         err = capsys.readouterr().err.strip().splitlines()
         assert err[-1].startswith("error: ") and needle in err[-1], (argv, err)
         assert not any("Traceback" in line for line in err)
+    with pytest.raises(SystemExit) as e:   # argparse: one path only
+        fid.main([str(good)])
+    assert e.value.code == 2
+
+
+def test_cli_failures_exit_1(tmp_path, monkeypatch, capsys):
+    good = _folder(tmp_path / "good", 2, seed=26, size=8)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))   # no cached weights
+
+    def offline(url, dst, hash_prefix=None, progress=True):
+        raise OSError("<urlopen error [Errno -3] Temporary failure in name resolution>")
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    assert fid.main([str(good), str(good), "--device", "cpu", "--num-workers", "0"]) == 1
+    assert "error: cannot download the Inception weights" in capsys.readouterr().err
+
+    def disk_full(file, **arrays):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(np, "savez", disk_full)
+    monkeypatch.setattr(fid, "load_inception", lambda *args, **kwargs: PixelFeatures())   # cheap features
+    argv = ["--save-stats", str(good), str(tmp_path / "out.npz"), "--device", "cpu", "--num-workers", "0"]
+    with pytest.warns(UserWarning, match="N = 2 < 2048"):
+        assert fid.main(argv) == 1
+    assert "No space left on device" in capsys.readouterr().err and not (tmp_path / "out.npz").exists()
