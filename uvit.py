@@ -1,5 +1,5 @@
 """
-The U-ViT of simple diffusion (Sec. 3, Fig. 7 right): convolutional levels down to 16x16, a transformer there.
+The U-ViT of simple diffusion (Sec. 3, Fig. 7): convolutional levels down to 32x32, a transformer at 16x16.
 
 The idea. The U-Net's finding is that the capacity that matters sits at 16x16. Taking this to its
 end, the U-ViT keeps the U-Net's convolutional ResBlock levels (and their skip connections) from the
@@ -12,70 +12,112 @@ changes. Transformers scale predictably, which is how the paper reaches about 2B
 conv building block (stem, conditioning, ResBlock, Level) is imported from unet.py; this file adds the
 transformer.
 
-Levels of the paper-scale "256" preset (B batch, C channels, H W spatial, N tokens, D width):
+Levels of the paper-scale "256" preset (B batch, C channels, H W spatial, N tokens, D width, E emb_dim):
 
     z_t (B, 3, 256, 256) --5/3 wavelet--> (B, 12, 128, 128) --conv3x3--> (B, 128, 128, 128)
     level 0  128x128, 128 ch: 2 ResBlocks ------------------ skips --> 2 ResBlocks (each concat a skip)
     level 1    64x64, 256 ch: 2 ResBlocks ------------------ skips --> 2 ResBlocks
     level 2    32x32, 512 ch: 2 ResBlocks ------------------ skips --> 2 ResBlocks
                avg-pool + 1x1 conv to D = 2048                            ^ 1x1 conv to 512 + nearest up
-    tokens     16x16 = 256 tokens: + position embedding, 32 x [adaLN, attention, adaLN, MLP]
+    tokens     16x16 = 256 tokens: + position embedding, 32 transformer blocks
     head: GroupNorm, SiLU, zero-initialised conv3x3 -> (B, 12, 128, 128) --inverse wavelet--> v_pred
 
-Transformer block (our choice of conditioning: adaptive LayerNorm, as DiT; the paper does not say):
-    (shift1, scale1, shift2, scale2) = W_mod emb                      (zero-initialised: plain LN at start)
-    x = x + Dropout(Proj(Attention(LN(x) (1 + scale1) + shift1)))     (Proj zero-initialised)
-    x = x + Dropout(MLP(LN(x) (1 + scale2) + shift2))                 (MLP out zero-initialised)
-Why adaLN and not a conditioning token: it is the same scale/shift mechanism as the ResBlocks' adaptive
-group norm (one idea in the whole code), every token gets the noise level directly, and it costs no
-sequence length. Its price is W_mod: emb_dim x 4D parameters per block (about 8M of 59M at D = 2048).
-Symbols: z_t -> z_t, logSNR -> logsnr, v_hat -> v_pred, class label -> class_labels.
+Transformer block (per head: q, k, v of width head_dim; g_q, g_k learned, one per head_dim channel):
+    q, k, v = W_qkv LN(x)
+    q^ = g_q * q / |q|,   k^ = g_k * k / |k|                          (qk-norm: L2 per head, then gains)
+    x = x + Dropout(W_o softmax(s q^ k^T) v),   s = sqrt(head_dim)      (without qk_norm: q k^T / sqrt(hd))
+    h = SiLU(W_1 LN(x));   (scale, shift) = W_film emb
+    x = x + Dropout(W_2 (h (1 + scale) + shift))
+What follows the authors' appendix code (as its public port, lucidrains/denoising-diffusion-pytorch,
+simple_diffusion.py, writes it): L2-normalised queries and keys with learned per-channel gains, the
+stability device ViT-22B brought to large transformers (there as a LayerNorm of q and k): the logits stay
+bounded however large q and k grow; conditioning only in the MLP, as a scale/shift of its (SiLU) hidden
+layer with a zero-initialised W_film; no conditioning in the attention; LayerNorm before both.
+What is ours: s = sqrt(head_dim) (the port fixes 8, which is sqrt(64)): for random directions q^ . k^
+has standard deviation 1/sqrt(head_dim), so the logits start with unit spread, as plain attention's do
+for unit-variance q and k; zero-initialised W_o and W_2 (every block starts as the identity and v_pred = 0);
+biases on the linear layers; LayerNorms without affine (the linear layer after each absorbs it).
+Symbols: z_t -> z_t, logSNR -> logsnr, v_hat -> v_pred, class label -> class_labels, g_q -> q_gain.
 
-Choices the paper does not give: all hyper-parameters (PRESETS), GELU (tanh approximation) in a 4x MLP,
-head_dim 128, no final LayerNorm (the up-sampling convs are followed by GroupNorms anyway, and the
-residual variant needs the transformer to be the identity at init), dropout on both residual branches
-of every transformer block when the token grid's size is in `dropout_resolutions`.
-`residual_skips=True` is SiD2's residual U-ViT: one skip per conv level, h = up(h - d) + h_l (unet.Level).
+Choices the paper does not give: all hyper-parameters (PRESETS), a 4x MLP, head_dim 128, no final
+LayerNorm (the up-sampling convs are followed by GroupNorms anyway), dropout on both residual branches of
+every transformer block when the token grid's size is in `dropout_resolutions` (the port drops the
+attention weights and the MLP's hidden layer instead).
+`residual_skips=True` is SiD2's residual U-ViT: one skip per conv level, h = up(h - pooled) + h_l
+(unet.Level). Its promise is that a body which returns its input leaves the level unchanged; for that to
+hold at initialisation the learned position embedding starts at zero (a random one would make
+h - pooled = pos_emb at the token level), so the whole residual network starts as head(conv_in(stem(z_t))).
 
-Run `python uvit.py` for the preset table, `pytest tests/test_uvit.py` for the tests.
+Run `python uvit.py` for the preset table; tests: `pytest tests/test_uvit.py tests/test_models.py`.
 """
+import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from unet import (ConvLevelsModel, Conditioning, Level, Stem, check_common, check_inputs, check_resolution,
-                  conv_level_resolutions, lists_to_tuples, make_preset_config, preset_cli, run_block, zero_head)
+from unet import (Conditioning, Level, Stem, check_common, check_inputs, conv_level_resolutions, lists_to_tuples,
+                  make_preset_config, preset_cli, run_block, zero_head)
 
 
-class TransformerBlock(nn.Module):
-    """Pre-norm transformer block on (B, N, D) tokens, conditioned by adaptive LayerNorm; starts as the
-    identity (zero-initialised attention and MLP output projections)."""
+class SelfAttention(nn.Module):
+    """Pre-norm multi-head self-attention on (B, N, D) tokens, optionally with qk-norm (module docstring).
+    The output projection W_o is zero-initialised: the residual branch starts at 0."""
 
-    def __init__(self, width: int, emb_dim: int, head_dim: int, mlp_ratio: int, dropout: float):
+    def __init__(self, width: int, head_dim: int, qk_norm: bool):
         super().__init__()
-        self.heads = width // head_dim
-        self.mod = nn.Linear(emb_dim, 4 * width)                  # shift/scale for both LayerNorms
-        self.norm1 = nn.LayerNorm(width, elementwise_affine=False)
-        self.qkv = nn.Linear(width, 3 * width)
+        self.heads, self.head_dim = width // head_dim, head_dim
+        self.norm = nn.LayerNorm(width, elementwise_affine=False)
+        self.qkv = nn.Linear(width, 3 * width)                    # output features: (q, k, v) x heads x hd
         self.proj = nn.Linear(width, width)
-        self.norm2 = nn.LayerNorm(width, elementwise_affine=False)
-        self.mlp = nn.Sequential(nn.Linear(width, mlp_ratio * width), nn.GELU(approximate="tanh"),
-                                 nn.Linear(mlp_ratio * width, width))
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        for layer in (self.mod, self.proj, self.mlp[-1]):
+        nn.init.zeros_(self.proj.weight), nn.init.zeros_(self.proj.bias)
+        self.q_gain = nn.Parameter(torch.ones(head_dim)) if qk_norm else None
+        self.k_gain = nn.Parameter(torch.ones(head_dim)) if qk_norm else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, D = x.shape
+        qkv = self.qkv(self.norm(x)).view(B, N, 3, self.heads, self.head_dim)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)                      # 3 x (B, heads, N, hd)
+        scale = None                                              # sdpa's default, 1 / sqrt(hd)
+        if self.q_gain is not None:
+            q, k = F.normalize(q, dim=-1) * self.q_gain, F.normalize(k, dim=-1) * self.k_gain
+            scale = math.sqrt(self.head_dim)
+        h = F.scaled_dot_product_attention(q, k, v, scale=scale)  # (B, heads, N, hd)
+        return self.proj(h.transpose(1, 2).reshape(B, N, D))     # (B, N, D)
+
+
+class ConditionedMLP(nn.Module):
+    """LN, W_1, SiLU, the noise/class scale/shift of the hidden layer, W_2 (zero-initialised)."""
+
+    def __init__(self, width: int, emb_dim: int, mlp_ratio: int):
+        super().__init__()
+        hidden = mlp_ratio * width
+        self.norm = nn.LayerNorm(width, elementwise_affine=False)
+        self.fc1, self.fc2 = nn.Linear(width, hidden), nn.Linear(hidden, width)
+        self.film = nn.Linear(emb_dim, 2 * hidden)                # zero: a plain MLP at the start
+        for layer in (self.film, self.fc2):
             nn.init.zeros_(layer.weight), nn.init.zeros_(layer.bias)
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        B, N, D = x.shape
-        shift1, scale1, shift2, scale2 = self.mod(emb)[:, None].chunk(4, dim=-1)   # 4 x (B, 1, D)
-        h = torch.addcmul(shift1, self.norm1(x), 1 + scale1)                      # adaLN
-        q, k, v = self.qkv(h).view(B, N, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # 3 x (B, heads, N, hd)
-        h = F.scaled_dot_product_attention(q, k, v)                              # (B, heads, N, hd)
-        x = x + self.dropout(self.proj(h.transpose(1, 2).reshape(B, N, D)))      # (B, N, D)
-        h = torch.addcmul(shift2, self.norm2(x), 1 + scale2)
-        return x + self.dropout(self.mlp(h))
+        h = F.silu(self.fc1(self.norm(x)))                        # (B, N, hidden)
+        scale, shift = self.film(emb)[:, None].chunk(2, dim=-1)   # 2 x (B, 1, hidden)
+        return self.fc2(torch.addcmul(shift, h, 1 + scale))       # (B, N, D)
+
+
+class TransformerBlock(nn.Module):
+    """x + Dropout(attention(x)), then + Dropout(MLP(x, emb)); starts as the identity."""
+
+    def __init__(self, width: int, emb_dim: int, head_dim: int, mlp_ratio: int, dropout: float,
+                 qk_norm: bool = True):
+        super().__init__()
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.attn = SelfAttention(width, head_dim, qk_norm)
+        self.mlp = ConditionedMLP(width, emb_dim, mlp_ratio)
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        x = x + self.dropout(self.attn(x))                        # (B, N, D)
+        return x + self.dropout(self.mlp(x, emb))
 
 
 @dataclass
@@ -92,6 +134,7 @@ class UViTConfig:
     depth: int = 6                         # transformer blocks
     head_dim: int = 32
     mlp_ratio: int = 4
+    qk_norm: bool = True                   # L2-normalised queries and keys with learned gains (appendix)
     emb_dim: int = 128                     # width of the logsnr/class embedding
     dropout: float = 0.0
     dropout_resolutions: tuple = ()        # feature-map / token-grid sizes that get dropout
@@ -105,11 +148,10 @@ class UViTConfig:
 
 def validate_uvit(cfg: UViTConfig) -> int:
     """Check the configuration; returns the token grid size."""
-    check_common(cfg)
     levels = len(cfg.channels)
     factor = cfg.stem_factor * 2 ** levels
     what = f"stem x{cfg.stem_factor}, then {levels} conv levels x{2 ** levels} down to the token grid"
-    check_resolution(cfg, factor, what)
+    check_common(cfg, factor, what)
     grid = cfg.res // factor
     if cfg.token_res and grid != cfg.token_res:
         raise ValueError(f"UViTConfig: res={cfg.res} / down-sampling factor {factor} ({what}) gives a "
@@ -120,7 +162,7 @@ def validate_uvit(cfg: UViTConfig) -> int:
     return grid
 
 
-class UViT(ConvLevelsModel):
+class UViT(nn.Module):
     """forward(z_t (B, C, H, W), logsnr (B,), class_labels (B,) long or None) -> v_pred (B, C, H, W)."""
 
     def __init__(self, cfg: UViTConfig):
@@ -136,14 +178,14 @@ class UViT(ConvLevelsModel):
         next_channels = list(ch[1:]) + [D]
         self.levels = nn.ModuleList(
             Level(ch[i], next_channels[i], cfg.num_blocks[i], cfg.emb_dim,
-                  cfg.dropout if r in cfg.dropout_resolutions else 0.0, False, cfg.head_dim, g, cfg.residual_skips)
+                  cfg.dropout if r in cfg.dropout_resolutions else 0.0, False, cfg.head_dim, g, cfg.residual_skips,
+                  cfg.grad_checkpointing)
             for i, r in enumerate(conv_level_resolutions(cfg)))
-        self.pos_emb = nn.Parameter(torch.randn(1, self.grid ** 2, D) * 0.02)   # learned, (1, N, D)
+        self.pos_emb = nn.Parameter(torch.zeros(1, self.grid ** 2, D))   # learned, (1, N, D); zero: see docstring
         token_dropout = cfg.dropout if self.grid in cfg.dropout_resolutions else 0.0
-        self.blocks = nn.ModuleList(TransformerBlock(D, cfg.emb_dim, cfg.head_dim, cfg.mlp_ratio, token_dropout)
-                                    for _ in range(cfg.depth))
+        self.blocks = nn.ModuleList(TransformerBlock(D, cfg.emb_dim, cfg.head_dim, cfg.mlp_ratio, token_dropout,
+                                                     cfg.qk_norm) for _ in range(cfg.depth))
         self.head = zero_head(ch[0], stem_channels, g)
-        self.set_grad_checkpointing(cfg.grad_checkpointing)
 
     def forward(self, z_t: torch.Tensor, logsnr: torch.Tensor, class_labels: torch.Tensor | None = None):
         logsnr = check_inputs(self, z_t, logsnr, class_labels)
@@ -157,7 +199,7 @@ class UViT(ConvLevelsModel):
         # the residual stream copies its input first.
         x = h.flatten(2).transpose(1, 2).contiguous() + self.pos_emb   # (B, N, D), N = grid^2
         for block in self.blocks:
-            x = run_block(block, x, emb, self.grad_checkpointing)
+            x = run_block(block, x, emb, self.config.grad_checkpointing)
         h = x.transpose(1, 2).reshape(B, D, G, G)                # (B, D, grid, grid)
         for level in reversed(self.levels):
             h = level.decode(h, emb, saved)                      # back up to (B, C0, res/f, res/f)
@@ -166,10 +208,10 @@ class UViT(ConvLevelsModel):
 
 # ----------------------------------------------------------------------------------------------------
 # Presets (hyper-parameters are our choice). Paper-scale: conv levels 128 -> 32 px at 128/256/512 (the
-# wavelet stem absorbs the extra resolution), a 16x16 grid of 256 tokens, D = 2048, 32 blocks: about
-# 1.9B parameters, the paper's "about 2B". "64" drops the 128-px level. "cpu64" is bench.py's
-# transformer-heavy CPU network at 64x64: 2x2 patches, one conv level at 32x32, then 256 tokens of width
-# 256 through 8 blocks, which hold about 90% of its FLOPs (7.7M parameters).
+# wavelet stem absorbs the extra resolution), a 16x16 grid of 256 tokens, D = 2048, 32 blocks: 2.19B
+# parameters (0.54B of them in the blocks' W_film), the paper's "about 2B". "64" drops the 128-px level.
+# "cpu64" is bench.py's transformer-heavy CPU network at 64x64: 2x2 patches, one conv level at 32x32,
+# then 256 tokens of width 256 through 8 blocks, which hold about 90% of its FLOPs.
 
 PRESETS: dict[str, UViTConfig] = {
     "tiny": UViTConfig(res=32, stem="patch", stem_factor=2, channels=(16,), num_blocks=(1,), width=32, depth=2,
