@@ -1,0 +1,409 @@
+"""
+Ablations: does each idea of simple diffusion help on our scenes? One command per study, every arm trained
+the same way but for one factor, then scored against real scenes.
+
+The idea. A claim such as "shift the schedule for the resolution" is tested by training two or more
+networks that differ only in that choice (same seed, data, steps, optimiser, network) and comparing their
+samples. Each arm is a train.py run (called in-process); its EMA weights draw N images from the fixed
+seeds 0..N-1 (the class asked for is seed % 3, so every arm is asked for the same pictures), and we report:
+  - FID@N against N real scenes drawn from a scene seed training never saw (REFERENCE_SEED), features from
+    the FID Inception (fid.py). FID is biased upward at small N: compare rows of one study, never with
+    published FID-50k numbers.
+  - KID (the unbiased cubic-kernel MMD^2, mean +- std over random subsets): unbiased at any N.
+  - the shape score (scenes.py): how often a small CNN names the shape kind that was asked for.
+
+Studies, and the claims they test:
+  schedule    Sec. 3.1: the cosine logSNR schedule shifted by 2 log(64/d) beats the plain cosine schedule
+              at high resolution; the interpolated schedule (Eq. 6) as the third arm. Loss: eps (the paper's).
+  loss        Sec. 3.2: the multiscale loss vs the plain eps loss; SiD2's sigmoid weighting as the third
+              arm. Schedule: shifted.
+  resolution  Sec. 3.1's premise: with the shifted schedule the same recipe works at 32, 64 and 128 px
+              (FIDs at different resolutions are each against real scenes at that resolution).
+
+Symbols: N -> num_samples (images per arm, and real images), d -> res, w -> guidance, m -> KID subset size.
+
+Choices:
+- Defaults are CPU-sized, not paper-sized: the "small" U-Net, batch 32, lr 4e-3, 2000 steps (the CPU demo's
+  recipe), 64 sampler steps with guidance w = 1, N = 256. Every number is a flag; all arms share them.
+- "Training minutes here" is the wall time of train.py on this machine (start-up and its final 16-image
+  grid included), summed over resumed parts; a shared machine inflates it.
+- Real reference scenes use REFERENCE_SEED = 2 (training uses scene seed 0, the shape classifier seed 1).
+- KID uses subsets of --kid-subset-size (1000, the torch-fidelity convention); with fewer images fid.py
+  warns and uses all of them, so every subset is the whole set and the std is 0 (the table says so).
+- Without --fid-weights the Inception is randomly initialised (seed 0): the pipeline runs, but the numbers
+  are NOT FID (a loud warning, and a note in every results file). Only for tests and dry runs.
+- Resume: an arm lives in <out>/runs/<study>/<arm>-seed<k>; an arm whose metrics.json exists is skipped,
+  train.py resumes a half-trained one, results are rewritten after every arm, and a failed arm is recorded
+  as failed while the others go on (rerunning retries it). --arms and --seeds may change between runs
+  (rows accumulate); any other changed flag is refused, naming the fields, before anything is written.
+
+Run:  python ablate.py schedule --fid-weights pt_inception-2015-12-05-6726825d.pth
+Test: pytest tests/test_ablate.py
+"""
+import argparse
+import json
+import signal
+import sys
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
+from tqdm import tqdm
+
+import data
+import fid
+import train
+from checkpoint import load_model
+from data import flag
+from inception import InceptionV3, load_inception
+from sample import sample
+from scenes import KINDS, Scenes, shape_classifier, shape_score
+from schedules import Schedule
+
+REFERENCE_SEED = 2        # scene seed of the real reference images (0: training data, 1: the shape classifier)
+ROW_IMAGES = 8            # images per arm in the PNG
+# Per study: the default resolution, what all arms share, and what each arm sets (train.py flag values).
+STUDIES = {
+    "schedule": dict(res=128, fixed=dict(weighting="eps", multiscale=False),
+                     arms={"cosine": dict(schedule="cosine"), "shifted": dict(schedule="shifted"),
+                           "interpolated": dict(schedule="interpolated")}),
+    "loss": dict(res=128, fixed=dict(schedule="shifted"),
+                 arms={"eps": dict(weighting="eps", multiscale=False),
+                       "multiscale": dict(weighting="eps", multiscale=True),
+                       "sigmoid": dict(weighting="sigmoid", multiscale=False)}),
+    "resolution": dict(res=None, fixed=dict(schedule="shifted", weighting="eps", multiscale=False),
+                       arms={"32": dict(res=32), "64": dict(res=64), "128": dict(res=128)}),
+}
+# Flags that may change between runs of one study without changing what a finished row means.
+RUNTIME_FIELDS = ("arms", "seeds", "out", "sample_batch", "fid_weights", "shape_cache")
+
+
+@dataclass
+class AblateConfig:
+    res: int = flag(0, "image size; 0 = the study's default (128; the resolution study's arms set their own)")
+    arms: str = flag("", "arms to run (default: all of the study's)", nargs="*")
+    seeds: str = flag("0", "training seeds; every arm is trained once per seed", nargs="+")
+    steps: int = flag(2000, "training steps per arm")
+    preset: str = flag("small", "U-Net preset (unet.py PRESETS) of every arm")
+    batch_size: int = flag(32, "training batch")
+    lr: float = flag(4e-3, "peak learning rate")
+    num_scenes: int = flag(10000, "training scenes")
+    num_samples: int = flag(256, "N: samples per arm, and real reference scenes (FID@N)")
+    sample_steps: int = flag(64, "sampler steps")
+    guidance: float = flag(1.0, "classifier-free guidance weight w of the samples")
+    sample_batch: int = flag(32, "images per sampler batch (memory only: samples do not depend on it)")
+    kid_subset_size: int = flag(1000, "KID subset size m (fewer images: all of them, with a note)")
+    kid_subsets: int = flag(100, "KID subsets")
+    fid_weights: str = flag("", "FID Inception weights file; '' = RANDOM weights (numbers are then not FID)")
+    shape_score: bool = flag(True, "score samples with the shape classifier (trained once, ~1 min, cached)")
+    shape_cache: str = flag("", "folder of the cached shape classifier ('' = scenes.default_cache_dir())")
+    out: str = flag("results", "folder of the results files and of runs/<study>/<arm>-seed<k>")
+
+
+def log(msg: str) -> None:
+    tqdm.write(msg, file=sys.stderr)   # below the progress bars, like train.py's log lines
+
+
+class Interrupted(Exception):
+    """Ctrl-C / SIGTERM: train.py saved at a step boundary; the study stops, rerunning resumes."""
+
+
+# ----------------------------------------------------------------------------------------------------
+# Config: the study, its arms and seeds, checked before any compute
+
+def parse(argv=None) -> tuple[str, AblateConfig]:
+    studies = "; ".join(f"{s}: {', '.join(v['arms'])}" for s, v in STUDIES.items())
+    p = argparse.ArgumentParser(description=f"Train, sample and score every arm of a study (see the docstring "
+                                f"of ablate.py). Studies and their arms: {studies}.")
+    p.add_argument("study", help=f"one of: {', '.join(STUDIES)}")
+    data.add_config_flags(p, AblateConfig)
+    args = vars(p.parse_args(argv))
+    study = args.pop("study")
+    return study, data.config_from_args(AblateConfig, args)
+
+
+def as_list(value) -> list[str]:
+    """A nargs flag's value: a list when typed, the default string otherwise."""
+    return list(value) if isinstance(value, (list, tuple)) else value.split()
+
+
+def check(study: str, cfg: AblateConfig) -> tuple[list[str], list[int]]:
+    """(arms, seeds) to run; a bad input raises ValueError (one line, exit 2)."""
+    if study not in STUDIES:
+        raise ValueError(f"unknown study {study!r}; choose one of {', '.join(STUDIES)}")
+    known = list(STUDIES[study]["arms"])
+    arms = as_list(cfg.arms) or known              # no --arms: the whole study, in the order of STUDIES
+    bad = [a for a in arms if a not in known]
+    if bad:
+        raise ValueError(f"unknown arm {bad[0]!r} of study {study}; choose from {', '.join(known)}")
+    try:
+        seeds = [int(s) for s in as_list(cfg.seeds)]
+    except ValueError:
+        raise ValueError(f"--seeds takes integers, got {' '.join(as_list(cfg.seeds))}") from None
+    if study == "resolution" and cfg.res:
+        raise ValueError("the resolution study sets --res per arm; choose resolutions with --arms 32 64 128")
+    for name in ("steps", "batch_size", "num_scenes", "num_samples", "sample_steps", "sample_batch",
+                 "kid_subset_size", "kid_subsets"):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
+    if cfg.num_samples < 2:
+        raise ValueError(f"--num-samples must be >= 2 (FID and KID need two images), got {cfg.num_samples}")
+    return list(dict.fromkeys(arms)), list(dict.fromkeys(seeds))   # duplicates dropped, order kept
+
+
+def compared(study: str, cfg: AblateConfig) -> dict:
+    """What a results folder must agree on: every flag but the runtime ones, with the res resolved."""
+    # Adding arms or seeds later only adds rows; a changed --steps or --lr would mix incomparable rows.
+    d = {k: v for k, v in asdict(cfg).items() if k not in RUNTIME_FIELDS}
+    return {"study": study, **d, "res": cfg.res or STUDIES[study]["res"]}
+
+
+def refuse_if_different(old: dict, new: dict, where: Path) -> None:
+    diff = [f"{k}: {old.get(k)!r} (stored) vs {new.get(k)!r} (now)"
+            for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    if diff:
+        raise ValueError(f"{where} was made with another configuration ({'; '.join(diff)}); use the same "
+                         f"flags, or another --out (nothing was overwritten)")
+
+
+# ----------------------------------------------------------------------------------------------------
+# The measuring instruments: Inception, real reference statistics, the shape classifier
+
+def inception(cfg: AblateConfig) -> torch.nn.Module:
+    if cfg.fid_weights:
+        return load_inception(cfg.fid_weights, download=False)
+    log("\n" + "!" * 100 + "\nWARNING: no --fid-weights: the Inception network is RANDOMLY initialised. "
+               "The 'FID' and 'KID'\nbelow are NOT FID or KID and mean nothing beyond this run. Pass "
+               "--fid-weights pt_inception-2015-12-05-6726825d.pth.\n" + "!" * 100)
+    torch.manual_seed(0)                            # the same random network in every run: rows stay comparable
+    model = InceptionV3().eval().requires_grad_(False)
+    model.weights_id = "random-init"
+    return model
+
+
+def reference(res: int, cfg: AblateConfig, net, out: Path) -> fid.FIDStats:
+    """FID statistics (with features, for KID) of N real scenes at `res`, cached under <out>/reference."""
+    path = out / "reference" / f"scenes-seed{REFERENCE_SEED}-res{res}-n{cfg.num_samples}-{net.weights_id}.npz"
+    if path.exists():                               # the file name holds everything the statistics depend on
+        return fid.load_stats(path)
+    real = Scenes(cfg.num_samples, res, class_cond=True, seed=REFERENCE_SEED, cache=True).images  # (N, 3, d, d) u8
+    stats = fid.compute_stats_from_tensors(real, net, keep_features=True)
+    fid.save_stats(path, stats)
+    return stats
+
+
+# ----------------------------------------------------------------------------------------------------
+# One arm: train, sample, score
+
+def train_argv(study: str, arm: str, seed: int, cfg: AblateConfig, run_dir: Path) -> list[str]:
+    """train.py's flags for one arm: every number explicit (so train.py's paper-scale preset rows for
+    64 px and up do not apply), then the study's shared settings, then the arm's own."""
+    shared = dict(res=cfg.res or STUDIES[study]["res"], model="unet", preset=cfg.preset, steps=cfg.steps,
+                  batch_size=cfg.batch_size, lr=cfg.lr, warmup=min(100, cfg.steps), cooldown=1 / 3,
+                  ema_decay=0.999, num_scenes=cfg.num_scenes, seed=seed, run_dir=str(run_dir), num_workers=0,
+                  log_every=min(50, cfg.steps), ckpt_every=500, sample_every=0, sample_steps=cfg.sample_steps,
+                  num_samples=min(16, cfg.num_samples))
+    s = {**shared, **STUDIES[study]["fixed"], **STUDIES[study]["arms"][arm]}   # later entries win
+    argv = []                                       # {"multiscale": False} -> --no-multiscale, lr -> --lr 0.004
+    for k, v in s.items():
+        name = "--" + k.replace("_", "-")
+        argv += ([name] if v else ["--no-" + k.replace("_", "-")]) if isinstance(v, bool) else [name, str(v)]
+    return argv
+
+
+def run_training(argv: list[str], run_dir: Path) -> float:
+    """train.main in this process; returns the training minutes summed over every call for this arm (a
+    resumed arm counts its earlier parts too). train.py's signal handlers are undone afterwards."""
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    clock, t0 = run_dir / "ablate_train_seconds.txt", time.time()
+    try:                                            # in-process: no second torch import, and tests stay fast
+        train.main(argv)
+    except SystemExit as e:   # train.py reports its own one-line error
+        raise RuntimeError(f"train.py exited with code {e.code} (its error line is above)") from None
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
+        if run_dir.exists():                        # also after a failure or Ctrl-C: minutes spent are minutes spent
+            before = float(clock.read_text()) if clock.exists() else 0.0
+            data.write_atomic(clock, lambda f: f.write(f"{before + time.time() - t0:.1f}".encode()))
+    return float(clock.read_text()) / 60
+
+
+@torch.no_grad()
+def draw_samples(run_dir: Path, cfg: AblateConfig) -> torch.Tensor:
+    """N EMA samples (N, 3, d, d) uint8 from seeds 0..N-1, asking for class seed % 3."""
+    model, ckpt = load_model(run_dir, "ema")
+    if ckpt["step"] < cfg.steps:   # train.py returned early: it was signalled and saved
+        raise Interrupted(f"{run_dir} stopped at step {ckpt['step']} of {cfg.steps}")
+    schedule, res = Schedule(**ckpt["schedule"]), ckpt["config"]["res"]
+    out = []                                        # per-image generators: batches do not change the images
+    for start in range(0, cfg.num_samples, cfg.sample_batch):
+        seeds = range(start, min(start + cfg.sample_batch, cfg.num_samples))
+        labels = torch.tensor(list(seeds)) % len(KINDS)
+        x = sample(model, (len(seeds), 3, res, res), schedule, cfg.sample_steps, class_labels=labels,
+                   guidance=cfg.guidance, seeds=seeds, progress=False)
+        out.append(data.quantize(x))                # (b, 3, d, d) uint8: exactly the pixels of a PNG
+    return torch.cat(out)
+
+
+def score(images: torch.Tensor, ref: fid.FIDStats, net, classifier, cfg: AblateConfig) -> dict:
+    """FID@N, KID +- std (and the subset size it used), and the shape score of uint8 samples."""
+    gen = fid.compute_stats_from_tensors(images, net, keep_features=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")   # small N: fid.py's warnings are summarised in the table notes
+        kid, kid_std = fid.kernel_inception_distance(gen.features, ref.features, cfg.kid_subset_size,
+                                                     cfg.kid_subsets)
+    labels = torch.arange(len(images)) % len(KINDS)                 # the classes draw_samples asked for
+    shapes = shape_score(images, labels, classifier) if classifier is not None else None
+    return {"fid": fid.frechet_distance(gen.mu, gen.sigma, ref.mu, ref.sigma), "kid": kid, "kid_std": kid_std,
+            "kid_subset_size": min(cfg.kid_subset_size, len(images), ref.n),
+            "shape_score": shapes and shapes["score"], "shape_per_kind": shapes and shapes["per_kind"]}
+
+
+def run_arm(study, arm, seed, cfg, tools, out: Path) -> dict:
+    """Train (or resume) one arm, sample it, score it and write its metrics.json; returns the row."""
+    run_dir = out / "runs" / study / f"{arm}-seed{seed}"
+    minutes = run_training(train_argv(study, arm, seed, cfg, run_dir), run_dir)
+    images = draw_samples(run_dir, cfg)             # raises Interrupted if training was stopped by a signal
+    data.write_atomic(run_dir / "samples.npz", lambda f: np.savez_compressed(f, images=images.numpy()))
+    res = images.shape[-1]                          # the resolution study measures each arm at its own d
+    if res not in tools["refs"]:
+        tools["refs"][res] = reference(res, cfg, tools["net"], out)
+    if "classifier" not in tools:
+        tools["classifier"] = shape_classifier(cfg.shape_cache or None, log=log) if cfg.shape_score else None
+    row = {"arm": arm, "seed": seed, "status": "done", "steps": cfg.steps, "res": res,
+           "train_minutes": round(minutes, 2), **score(images, tools["refs"][res], tools["net"],
+                                                        tools["classifier"], cfg)}
+    # Written last: its existence is what marks the arm finished (and it records the config it was made by).
+    write_json(run_dir / "metrics.json", {**row, "config": compared(study, cfg)})
+    return row
+
+
+# ----------------------------------------------------------------------------------------------------
+# Results: <out>/<study>.md, .json and .png, rewritten after every arm
+
+def write_json(path: Path, obj) -> None:
+    data.write_atomic(path, lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()))
+
+
+def fmt(x, spec: str) -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def notes(cfg: AblateConfig, weights_id: str, rows: list[dict]) -> list[str]:
+    n = cfg.num_samples
+    lines = [f"FID@{n} and KID: {n} samples per arm (seeds 0..{n - 1}, class seed % 3, {cfg.sample_steps} "
+             f"steps, guidance w = {cfg.guidance}) against {n} real scenes (scene seed {REFERENCE_SEED}) at the "
+             f"arm's resolution; Inception weights {weights_id}. FID at small N is biased upward: compare rows."]
+    used = {r["kid_subset_size"] for r in rows if r["status"] == "done"}
+    if any(m < cfg.kid_subset_size for m in used):
+        lines.append(f"KID: N = {n} < --kid-subset-size {cfg.kid_subset_size}, so KID used subsets of "
+                     f"{', '.join(map(str, sorted(used)))}; a subset of every image is the whole set, so the std is 0 "
+                     f"there and is no error bar.")
+    if weights_id == "random-init":
+        lines.append("**WARNING: random Inception weights (no --fid-weights): these are NOT FID/KID values.**")
+    if not cfg.shape_score:
+        lines.append("Shape score skipped (--no-shape-score): shown as -.")
+    return lines
+
+
+def write_results(study: str, cfg: AblateConfig, weights_id: str, rows: dict, out: Path) -> None:
+    # Rows in the study's arm order, then by seed, whatever order they were run or stored in.
+    ordered = [rows[k] for k in sorted(rows, key=lambda k: (list(STUDIES[study]["arms"]).index(rows[k]["arm"]),
+                                                              rows[k]["seed"]))]
+    n = cfg.num_samples
+    md = [f"# Ablation: {study}", "", f"| arm | train seed | steps | training minutes here | FID@{n} | "
+          f"KID ± std | shape score |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    for r in ordered:
+        if r["status"] != "done":                   # the error's first words, in the minutes column
+            md.append(f"| {r['arm']} | {r['seed']} | {cfg.steps} | failed: {r['error'][:120]} | - | - | - |")
+            continue
+        md.append(f"| {r['arm']} | {r['seed']} | {r['steps']} | {r['train_minutes']:.1f} | {r['fid']:.4g} | "
+                  f"{r['kid']:.3g} ± {r['kid_std']:.2g} | {fmt(r['shape_score'], '.3f')} |")
+    md += [""] + [f"- {line}" for line in notes(cfg, weights_id, ordered)]
+    data.write_atomic(out / f"{study}.md", lambda f: f.write(("\n".join(md) + "\n").encode()))
+    write_json(out / f"{study}.json", {"study": study, "config": compared(study, cfg), "inception": weights_id,
+                                       "notes": notes(cfg, weights_id, ordered), "rows": ordered})
+    draw_rows([r for r in ordered if r["status"] == "done"], out, study)
+
+
+def draw_rows(rows: list[dict], out: Path, study: str, label_w: int = 120) -> None:
+    """One row per arm of the first ROW_IMAGES samples (the same seeds in every row), labelled on the left;
+    images are enlarged (nearest) to a common size of at least 64 px."""
+    if not rows:
+        return
+    strips = [np.load(out / "runs" / study / f"{r['arm']}-seed{r['seed']}" / "samples.npz")["images"][:ROW_IMAGES]
+              for r in rows]                                               # each (k, 3, d, d) uint8
+    # Rows of another resolution (the resolution study) are scaled to the largest, so the pixels compare.
+    size, k = max(64, max(s.shape[-1] for s in strips)), max(len(s) for s in strips)
+    canvas = Image.new("RGB", (label_w + k * (size + 2), len(rows) * (size + 2)), "white")
+    draw, font = ImageDraw.Draw(canvas), ImageFont.load_default()
+    for i, (r, strip) in enumerate(zip(rows, strips)):
+        y = i * (size + 2)
+        draw.text((4, y + size // 2 - 6), f"{r['arm']} (seed {r['seed']})", fill="black", font=font)
+        for j, im in enumerate(strip):
+            tile = Image.fromarray(im.transpose(1, 2, 0)).resize((size, size), Image.NEAREST)
+            canvas.paste(tile, (label_w + j * (size + 2), y))
+    data.write_atomic(out / f"{study}.png", lambda f: canvas.save(f, format="PNG"))
+
+
+# ----------------------------------------------------------------------------------------------------
+# The study: every arm x seed, with a progress bar
+
+def run_study(study: str, cfg: AblateConfig) -> int:
+    """Returns the exit code: 0 all arms done, 1 some failed, 130 interrupted."""
+    arms, seeds = check(study, cfg)
+    out, now = Path(cfg.out), compared(study, cfg)
+    stored_path = out / f"{study}.json"
+    stored = json.loads(stored_path.read_text()) if stored_path.exists() else None
+    if stored is not None:   # refuse before anything is loaded, trained or written
+        refuse_if_different(stored["config"], now, stored_path)
+    net = inception(cfg)
+    if stored is not None and stored["inception"] != net.weights_id:
+        raise ValueError(f"{stored_path} was made with Inception weights {stored['inception']}, now "
+                         f"{net.weights_id}; use the same weights, or another --out (nothing was overwritten)")
+    # Rows are keyed by arm and seed: earlier rows (other --arms or --seeds) stay in the table.
+    rows = {f"{r['arm']}-seed{r['seed']}": r for r in (stored or {}).get("rows", [])}
+    tools, code = {"net": net, "refs": {}}, 0   # the classifier is loaded (or trained) when first needed
+    jobs = [(a, s) for a in arms for s in seeds]
+    bar = tqdm(jobs, desc=f"study {study}", unit="arm", position=1, dynamic_ncols=True)
+    for arm, seed in bar:
+        key, run_dir = f"{arm}-seed{seed}", out / "runs" / study / f"{arm}-seed{seed}"
+        bar.set_postfix_str(key)
+        if (run_dir / "metrics.json").exists():     # finished earlier: no training, sampling or scoring
+            done = json.loads((run_dir / "metrics.json").read_text())
+            refuse_if_different(done.pop("config"), now, run_dir / "metrics.json")
+            rows[key] = done
+            log(f"{key}: finished earlier, skipped")
+            continue
+        try:
+            rows[key] = run_arm(study, arm, seed, cfg, tools, out)
+        except (Interrupted, KeyboardInterrupt) as e:
+            log(f"interrupted ({e or 'Ctrl-C'}): rerun the same command to resume")
+            return 130
+        except Exception as e:   # a failed arm is recorded; the others go on
+            rows[key] = {"arm": arm, "seed": seed, "status": "failed", "error": f"{type(e).__name__}: {e}"}
+            log(f"{key}: FAILED ({rows[key]['error']})")
+            code = 1
+        write_results(study, cfg, net.weights_id, rows, out)   # after every arm: Ctrl-C loses one arm at most
+    bar.close()
+    write_results(study, cfg, net.weights_id, rows, out)
+    log(f"results: {out / study}.md, .json, .png")
+    return code
+
+
+def main(argv=None) -> int:
+    """CLI: bad inputs print one `error: ...` line and exit 2."""
+    study, cfg = parse(argv)
+    try:
+        return run_study(study, cfg)
+    except ValueError as e:
+        return data.error_exit_code(e)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
