@@ -49,7 +49,7 @@ import platform
 import statistics
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass
 from itertools import accumulate
 
 import numpy as np
@@ -60,8 +60,11 @@ from torch.profiler import DeviceType, ProfilerActivity, profile
 from torch.utils.flop_counter import FlopCounterMode
 
 import fid
+import inception
 from losses import diffusion_loss
-from sample import build_model, sample
+from checkpoint import build_model
+from data import add_config_flags, config_from_args, flag
+from sample import sample
 from schedules import get_schedule
 
 # (model, preset, res, batch). First the default demo network (python train.py: unet "small" at 32x32;
@@ -79,23 +82,17 @@ DENSE_OPS = ("aten::mkldnn_convolution", "aten::convolution_backward", "aten::mm
 
 @dataclass
 class BenchConfig:
-    quick: bool = field(default=False, metadata={"help": "under a minute: two presets, fewer repetitions, "
-                                                         "no compile or checkpointing"})
-    json: str = field(default="", metadata={"help": "also write the results to this JSON file"})
-    batch_size: int = field(default=64, metadata={"help": "batch of the default preset, the first row"})
-    threads: int = field(default=0, metadata={"help": "torch threads (0: torch's default, all cores)"})
-    seconds: float = field(default=4.0, metadata={"help": "time at least this long per timed measurement"})
+    quick: bool = flag(False, "under a minute: two presets, fewer repetitions, no compile or checkpointing")
+    json: str = flag("", "also write the results to this JSON file")
+    batch_size: int = flag(64, "batch of the default preset, the first row")
+    threads: int = flag(0, "torch threads (0: torch's default, all cores)")
+    seconds: float = flag(4.0, "time at least this long per timed measurement")
 
 
 def parse_config(argv=None) -> BenchConfig:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    for f in fields(BenchConfig):
-        flag = "--" + f.name.replace("_", "-")
-        if f.type == "bool" or f.type is bool:
-            p.add_argument(flag, action="store_true", help=f.metadata["help"])
-        else:
-            p.add_argument(flag, type=type(f.default), default=f.default, help=f.metadata["help"])
-    cfg = BenchConfig(**vars(p.parse_args(argv)))
+    add_config_flags(p, BenchConfig)
+    cfg = config_from_args(BenchConfig, vars(p.parse_args(argv)))
     if cfg.batch_size < 1 or cfg.threads < 0 or cfg.seconds <= 0:
         p.error("--batch-size must be >= 1, --threads >= 0 and --seconds > 0")
     return cfg
@@ -311,7 +308,7 @@ def bench_fid(batch: int, min_reps: int, seconds: float, res: int = 32, d: int =
     """Inception features of generated-size images (each is resized to 299, so res barely matters) and
     the trace term tr((S1 S2)^(1/2)) of two random d x d covariances (float64, eigendecompositions)."""
     torch.manual_seed(0)
-    model = fid.InceptionV3().eval()
+    model = inception.InceptionV3().eval()
     images = torch.rand(batch, 3, res, res) * 2 - 1
     sec = statistics.median(repeat_timed(lambda: fid.compute_stats_from_tensors([images], model, batch_size=batch),
                                          min_reps, seconds))

@@ -33,18 +33,22 @@ compiled wrapper by other code still loads strictly.
 Run: nothing to run; `pytest tests/test_checkpoint.py` for the tests.
 """
 import dataclasses
-import os
+import json
 import re
 import sys
-from datetime import timedelta
+import threading
+import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.utils._pytree import tree_map
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
                                                      set_model_state_dict, set_optimizer_state_dict)
 
-from data import write_atomic
+from data import derive_seed, write_atomic
+from distributed import all_reduce, broadcast_object, gather_objects, is_dist
 from unet import UNet, UNetConfig
 from uvit import UViT, UViTConfig
 
@@ -56,48 +60,12 @@ PREFIXES = ("_orig_mod.", "module.")                                 # torch.com
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)      # unsharded tensors, on rank 0's CPU
 
 
+class TrainingAborted(RuntimeError):
+    """Training cannot go on (non-finite loss, a failed save); exit 1."""
+
+
 class CheckpointError(ValueError):
     """A missing, corrupt or incompatible checkpoint, reported as one readable line (exit 2)."""
-
-
-# ----------------------------------------------------------------------------------------------------
-# Processes: one setup for train.py and sample.py, and the two collectives the checkpoint logic needs.
-
-def setup_distributed(device: str = "", timeout_minutes: float = 30) -> tuple[int, int, torch.device]:
-    """(rank, world size, device). Under torchrun (RANK set) join the process group: NCCL on GPUs,
-    gloo on CPU, with an explicit timeout, long because rank 0 alone draws sample grids and writes
-    checkpoints while the others wait at the next collective. Plain `python` is rank 0 of 1."""
-    cuda = torch.cuda.is_available()
-    if "RANK" not in os.environ:
-        return 0, 1, torch.device(device or ("cuda" if cuda else "cpu"))
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    device = torch.device(device or (f"cuda:{local_rank}" if cuda else "cpu"))
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                            timeout=timedelta(minutes=timeout_minutes),
-                            device_id=device if device.type == "cuda" else None)
-    return dist.get_rank(), dist.get_world_size(), device
-
-
-def is_dist() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
-def broadcast_object(obj):
-    """Rank 0's obj on every rank (the identity in a single process)."""
-    box = [obj]
-    if is_dist():
-        dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def gather_objects(obj) -> list:
-    """[obj of rank 0, obj of rank 1, ...] on every rank."""
-    out = [obj] * (dist.get_world_size() if is_dist() else 1)
-    if is_dist():
-        dist.all_gather_object(out, obj)
-    return out
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -125,6 +93,37 @@ def save_checkpoint(run_dir, state: dict, keep: int = 2) -> Path:
     for old in find_checkpoints(run_dir)[keep:]:
         old.unlink()
     return path
+
+
+class BackgroundWriter:
+    """save_checkpoint on a thread, so that training goes on while a multi-GB file is written: submit()
+    waits for the previous write, snapshots the state (a CPU copy of every tensor, so the next optimizer
+    steps cannot change what is being written) and returns; wait() blocks until the file is in place.
+    A failed write is raised by the next submit() or wait(), with the previous checkpoint intact."""
+
+    def __init__(self):
+        self.thread, self.error = None, None
+
+    def submit(self, run_dir, state: dict, keep: int = 2, copy: bool = True) -> None:
+        self.wait()
+        if copy:   # tensors that alias live weights (CPU training) are cloned; CUDA ones are fresh copies
+            state = tree_map(lambda v: v.detach().clone() if isinstance(v, torch.Tensor) else v, state)
+        self.thread = threading.Thread(target=self._write, args=(run_dir, state, keep), daemon=False)
+        self.thread.start()
+
+    def _write(self, run_dir, state, keep) -> None:
+        try:
+            save_checkpoint(run_dir, state, keep)
+        except BaseException as e:   # re-raised in the training thread by wait()
+            self.error = e
+
+    def wait(self) -> None:
+        if self.thread is not None:
+            self.thread.join()
+            self.thread = None
+        if self.error is not None:
+            error, self.error = self.error, None
+            raise error
 
 
 def _load_one(path: Path, map_location) -> dict:
@@ -242,6 +241,169 @@ def find_latest_run(root="runs") -> Path:
 
 
 # ----------------------------------------------------------------------------------------------------
+# A run folder: what to resume from, where training stands, its random streams, the log kept beside.
+
+def config_diff(old: dict, new: dict, prefix: str = "", ignore=()) -> list[str]:
+    """'name: old (checkpoint) vs new (now)' for every field that differs (lists equal tuples)."""
+    norm = lambda v: tuple(v) if isinstance(v, (list, tuple)) else v  # noqa: E731
+    return [f"{prefix}{k}: {old.get(k, '<absent>')!r} (checkpoint) vs {new.get(k, '<absent>')!r} (now)"
+            for k in sorted(set(old) | set(new)) if k not in ignore and norm(old.get(k)) != norm(new.get(k))]
+
+
+@dataclass
+class Position:
+    """Where the run is: optimizer steps taken, and the data position (epoch, batch within it)."""
+    step: int = 0
+    epoch: int = 0
+    batch: int = 0
+
+    def advance(self, batches_per_epoch: int) -> None:
+        self.step, self.batch = self.step + 1, self.batch + 1
+        if self.batch == batches_per_epoch:
+            self.epoch, self.batch = self.epoch + 1, 0
+
+
+class RandomStreams:
+    """Every random draw of training, per rank, from a generator whose state is checkpointed: t, eps and
+    label dropout (`noise`, on the device), flips (`flip`, CPU), network dropout (torch's global RNG)."""
+
+    def __init__(self, seed: int, rank: int, device: torch.device):
+        self.seed, self.rank, self.device = seed, rank, device
+        self.noise, self.flip = torch.Generator(device), torch.Generator()
+        self.reseed()
+
+    def reseed(self, *extra) -> None:
+        self.noise.manual_seed(derive_seed(self.seed, "noise", self.rank, *extra))
+        self.flip.manual_seed(derive_seed(self.seed, "flip", self.rank, *extra))
+        torch.manual_seed(derive_seed(self.seed, "dropout", self.rank, *extra))
+
+    def state(self) -> dict:
+        cuda = self.device.type == "cuda"
+        return {"noise": self.noise.get_state().cpu(), "flip": self.flip.get_state(),
+                "torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(self.device) if cuda else None}
+
+    def restore(self, saved: dict, step: int, log) -> None:
+        """This rank's states from a checkpoint's rng_state; written by another number of ranks or device
+        type, reseed from (seed, step) instead: the run goes on, but no longer bit-exactly."""
+        world = dist.get_world_size() if is_dist() else 1
+        if (saved["world_size"], saved["device"]) != (world, self.device.type):
+            log(f"warning: checkpoint written by {saved['world_size']} {saved['device']} ranks, now {world} "
+                f"{self.device.type}: random streams reseeded")
+            return self.reseed(step)
+        self.noise.set_state(saved["noise"][self.rank])
+        self.flip.set_state(saved["flip"][self.rank])
+        torch.set_rng_state(saved["torch"][self.rank])
+        if self.device.type == "cuda":
+            torch.cuda.set_rng_state(saved["cuda"][self.rank], self.device)
+
+
+class Meter:
+    """Loss and gradient norm summed on the device between log lines (no per-step host sync), then
+    averaged over steps and ranks in one all-reduce; writes a log line and a log.jsonl record."""
+
+    def __init__(self, device):
+        self.sums, self.count, self.t0 = torch.zeros(2, device=device), 0, time.time()
+
+    def add(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
+        self.sums += torch.stack([loss, grad_norm.float()])
+        self.count += 1
+
+    def flush(self, cfg, pos: Position, lr: float, records: list, log, pbar) -> None:
+        sums = all_reduce(self.sums.clone())                         # the one sync of a logging step
+        world = dist.get_world_size() if is_dist() else 1
+        loss, gnorm = (sums / (world * max(self.count, 1))).tolist()
+        if records is not None and self.count:                       # rank 0 keeps the records
+            r = {"step": pos.step, "loss": loss, "lr": lr, "grad_norm": gnorm, "epoch": pos.epoch,
+                 "img_per_s": round(cfg.batch_size * self.count / (time.time() - self.t0), 1),
+                 "mem_gb": round(peak_memory_gb(self.sums.device), 3), "time": round(time.time(), 1)}
+            records.append(r)
+            with open(Path(cfg.run_dir) / "log.jsonl", "a") as f:
+                f.write(json.dumps(r) + "\n")
+            pbar.set_postfix(loss=f"{loss:.4f}", img_s=f"{r['img_per_s']:.0f}")
+            log(f"step {pos.step:>7} | loss {loss:.4f} | lr {lr:.2e} | grad {gnorm:.3f} | "
+                f"{r['img_per_s']:.0f} img/s | mem {r['mem_gb']:.2f} GB")
+        self.sums.zero_()
+        self.count = 0
+
+    def restart_clock(self) -> None:
+        """img/s counts training only, not logging, saving or sampling."""
+        self.t0 = time.time()
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    """The process's peak memory so far, for training logs: the CUDA allocator's peak on a GPU, the
+    resident set's peak on a CPU (everything the process holds, not only tensors)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20   # Linux reports kB
+
+
+def checkpoint_to_resume(cfg, runtime_fields=()) -> tuple[dict | None, str | None]:
+    """(checkpoint, where it came from): --resume, else the run folder's newest loadable checkpoint, else
+    (None, None). A checkpoint of another run, or a --resume older than files already in the folder, is
+    refused before anything is written."""
+    found = find_checkpoints(cfg.run_dir)
+    src = cfg.resume or (cfg.run_dir if found else None)
+    if src is None:
+        return None, None
+    ckpt = load_checkpoint(src)
+    diff = config_diff(ckpt["config"], asdict(cfg), ignore=runtime_fields)
+    if diff:
+        raise CheckpointError(f"{src} holds a checkpoint (step {ckpt['step']}) of a different run: {'; '.join(diff)}. "
+                          f"Rerun with the same flags to resume, or choose another --run-dir (nothing was "
+                          f"changed or deleted)")
+    newer = [p for p in found if checkpoint_step(p) > ckpt["step"]]
+    if newer and cfg.resume:
+        raise CheckpointError(f"{cfg.run_dir} already holds {newer[0].name}, newer than --resume {cfg.resume} "
+                          f"(step {ckpt['step']}); pick another --run-dir so that nothing is overwritten")
+    return ckpt, src
+
+
+def resume(ckpt: dict, src: str, model, ema, optimizer, streams: RandomStreams, num_images: int,
+           cfg, log) -> Position:
+    """Put the live objects into the checkpoint's state; returns the position to continue from."""
+    diff = config_diff(ckpt["model_config"], asdict(model.config), "model_config.", ("grad_checkpointing",))
+    if diff:
+        raise CheckpointError(f"{src}: the checkpoint's network differs from this run's: {'; '.join(diff)}; "
+                          f"choose another --run-dir")
+    restore_training_state(ckpt, model, ema, optimizer)
+    saved = ckpt["data_state"]
+    pos = Position(ckpt["step"], saved["epoch"], saved["batch"])
+    if saved["num_images"] != num_images:
+        log(f"warning: the data had {saved['num_images']} images and now has {num_images}; continuing in "
+            f"epoch {pos.epoch} with the new list")
+        pos.batch = min(pos.batch, num_images // cfg.batch_size - 1)
+    streams.restore(ckpt["rng_state"], pos.step, log)
+    log(f"resumed from {src} at step {pos.step}")
+    return pos
+
+
+def prepare_run_dir(cfg, step: int, log) -> list[dict]:
+    """Rank 0, before training: set aside unreadable checkpoints newer than `step` (kept as .corrupt, never
+    overwritten), remove temp files of a killed save, write config.json, and cut log.jsonl back to `step`.
+    Returns the log records so far (for the loss curve)."""
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    for p in find_checkpoints(run_dir):
+        if checkpoint_step(p) > step and not cfg.resume:
+            p.rename(p.with_name(p.name + ".corrupt"))
+            log(f"warning: {p.name} could not be loaded; kept as {p.name}.corrupt")
+    for tmp in [*run_dir.glob("*.tmp*"), *run_dir.glob("samples/*.tmp*")]:
+        tmp.unlink()
+    write_text(run_dir / "config.json", json.dumps(asdict(cfg), indent=2) + "\n")
+    log_path = run_dir / "log.jsonl"
+    records = [json.loads(x) for x in log_path.read_text().splitlines()] if log_path.exists() else []
+    records = [r for r in records if r["step"] <= step]          # lines written after the checkpoint go
+    write_text(log_path, "".join(json.dumps(r) + "\n" for r in records))
+    return records
+
+
+def write_text(path: Path, text: str) -> None:
+    write_atomic(path, lambda f: f.write(text.encode()))
+
+
+# ----------------------------------------------------------------------------------------------------
 # Training state: what train.py saves and restores, in one place.
 
 def training_state(*, step: int, model_name: str, model, ema, optimizer, schedule, config, class_names,
@@ -267,3 +429,33 @@ def restore_training_state(ckpt: dict, model, ema, optimizer) -> None:
     except (KeyError, RuntimeError, ValueError) as e:
         raise CheckpointError(f"the checkpoint's training state does not fit this run's network and optimizer "
                               f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from e
+
+
+def save_training(cfg, pos: Position, model, ema, optimizer, streams: RandomStreams, schedule,
+         class_names, num_images: int, writer: BackgroundWriter, log, wait: bool = False) -> None:
+    """Collective: every rank contributes its random states; rank 0 checks the weights and hands a copy
+    to the background writer (wait=True: until the file is in place). If a write fails, every rank stops
+    (exit 1) at this or the next save, with the previous checkpoint intact."""
+    rngs, error = gather_objects(streams.state()), None
+    state = training_state(   # collective: full tensors gathered to rank 0
+        step=pos.step, model_name=cfg.model, model=model, ema=ema, optimizer=optimizer, schedule=schedule,
+        config=cfg, class_names=class_names, data_state={"epoch": pos.epoch, "batch": pos.batch, "num_images":
+                                                         num_images},
+        rng_state={"world_size": len(rngs), "device": streams.device.type,
+                   **{k: [r[k] for r in rngs] for k in rngs[0]}})
+    if not is_dist() or dist.get_rank() == 0:
+        try:
+            bad = [k for k, v in state["model"].items() if v.is_floating_point() and not v.isfinite().all()]
+            if bad:
+                raise TrainingAborted(f"step {pos.step}: non-finite weights in {bad[:3]}; not saving them")
+            writer.submit(cfg.run_dir, state, copy=streams.device.type == "cpu")   # raises an earlier failure
+            if wait:
+                writer.wait()
+            log(f"{'saved' if wait else 'saving'} checkpoint of step {pos.step} in {cfg.run_dir}")
+        except TrainingAborted as e:
+            error = str(e)
+        except OSError as e:
+            error = (f"could not write the checkpoint of step {pos.step} ({e}); the previous checkpoint is "
+                     f"intact; free disk space and rerun the same command to resume")
+    if error := broadcast_object(error):
+        raise TrainingAborted(error)

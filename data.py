@@ -38,6 +38,7 @@ Run `python data.py --data DIR --res 64 --out check.png` to check a folder and l
 images; `pytest tests/test_data.py` for the tests.
 """
 import argparse
+import hashlib
 import math
 import os
 import sys
@@ -341,6 +342,79 @@ def save_grid(images: torch.Tensor, path, nrow: int | None = None, padding: int 
     save_png(grid.numpy(), path)
 
 
+def draw_loss_curve(records: list[dict], path: Path, size=(560, 320)) -> None:
+    """Loss against step on a log axis: the logged values (light) and a centred moving average of
+    about 1/20 of the run (dark, no lag), with round-number ticks; drawn with Pillow."""
+    from PIL import Image, ImageDraw
+    pts = [(r["step"], math.log10(r["loss"])) for r in records if r.get("loss", 0) > 0 and math.isfinite(r["loss"])]
+    if len(pts) < 2:
+        return
+    w, h, (l, r, t, b) = *size, (60, 15, 25, 35)
+    img = Image.new("RGB", size, "white")
+    d = ImageDraw.Draw(img)
+    x0, x1 = pts[0][0], pts[-1][0]
+    y0, y1 = min(p[1] for p in pts), max(p[1] for p in pts)
+    y0, y1 = (y0 - 0.05, y1 + 0.05) if y1 - y0 < 0.1 else (y0, y1)
+    sx = lambda s: l + (s - x0) / max(x1 - x0, 1) * (w - l - r)              # noqa: E731
+    sy = lambda y: t + (y1 - y) / (y1 - y0) * (h - t - b)                   # noqa: E731
+    d.rectangle([l, t, w - r, h - b], outline="black")
+    for k in range(math.ceil(y0 * 4), math.floor(y1 * 4) + 1):              # y ticks at 10^(k/4)
+        d.line([l - 4, sy(k / 4), l, sy(k / 4)], fill="black")
+        d.text((4, sy(k / 4) - 6), f"{10 ** (k / 4):.3g}", fill="black")
+    gap = 10 ** math.floor(math.log10(max(x1 - x0, 1) / 4))                 # x ticks at 1, 2 or 5 x 10^k
+    gap *= next(m for m in (1, 2, 5, 10) if (x1 - x0) / (gap * m) <= 6)
+    for k in range(math.ceil(x0 / gap), math.floor(x1 / gap) + 1):
+        d.line([sx(k * gap), h - b, sx(k * gap), h - b + 4], fill="black")
+        d.text((sx(k * gap) - 12, h - b + 7), f"{k * gap:g}", fill="black")
+    half = len(pts) // 40
+    windows = [[y for _, y in pts[max(i - half, 0):i + half + 1]] for i in range(len(pts))]
+    smooth = [(s, sum(win) / len(win)) for (s, _), win in zip(pts, windows)]
+    d.line([(sx(s), sy(y)) for s, y in pts], fill=(170, 190, 230), width=1)
+    d.line([(sx(s), sy(y)) for s, y in smooth], fill=(20, 60, 160), width=2)
+    d.text((l, 5), "training loss (log scale) vs step", fill="black")
+    write_atomic(path, lambda f: img.save(f, format="PNG"))
+
+
+# ----------------------------------------------------------------------------------------------------
+# The order of the images in training: a permutation per (seed, epoch), each global batch cut into the
+# ranks' and micro-steps' slices. Pure functions of the seed, so a resumed run replays the same order.
+# ----------------------------------------------------------------------------------------------------
+
+def derive_seed(*parts) -> int:
+    """A 63-bit seed from a tuple such as (seed, "noise", rank): independent streams per purpose/rank."""
+    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little") >> 1
+
+
+def epoch_permutation(seed: int, epoch: int, n: int) -> torch.Tensor:
+    return torch.randperm(n, generator=torch.Generator().manual_seed(derive_seed(seed, "data", epoch)))
+
+
+def shard(global_batch: torch.Tensor, rank: int, world: int, accum: int) -> list[torch.Tensor]:
+    """This rank's micro-batches of one global batch: slot m * world + rank of size G / (world * accum).
+    The ranks' slices are disjoint and together cover the global batch exactly once."""
+    size = global_batch.numel() // (world * accum)
+    return [global_batch[(m * world + rank) * size:(m * world + rank + 1) * size] for m in range(accum)]
+
+
+class ShardSampler:
+    """Yields this rank's micro-batches of dataset indices forever, from a saved position (epoch, batch);
+    a DataLoader batch_sampler. The last incomplete batch of an epoch is dropped."""
+
+    def __init__(self, n, global_batch, accum, rank, world, seed, epoch=0, batch=0):
+        self.n, self.g, self.accum, self.rank, self.world = n, global_batch, accum, rank, world
+        self.seed, self.epoch, self.batch = seed, epoch, batch
+
+    def __iter__(self):
+        epoch, batch = self.epoch, self.batch
+        while True:
+            perm = epoch_permutation(self.seed, epoch, self.n)
+            for b in range(batch, self.n // self.g):
+                yield from (idx.tolist() for idx in shard(perm[b * self.g:(b + 1) * self.g], self.rank,
+                                                          self.world, self.accum))
+            epoch, batch = epoch + 1, 0
+
+
+
 # ----------------------------------------------------------------------------------------------------
 # What every script shares: atomic files, config dataclasses as command lines, one set of exit codes.
 # They live here because data.py is the lowest file that train, sample, fid and bench all import.
@@ -387,8 +461,9 @@ def add_config_flags(parser: argparse.ArgumentParser, config_cls, typed_only: bo
             parser.add_argument(*names, action=argparse.BooleanOptionalAction, **kw)
         elif isinstance(f.default, tuple):
             parser.add_argument(*names, type=type(f.default[0]), nargs=len(f.default), **kw)
-        else:
-            parser.add_argument(*names, type=f.type if isinstance(f.type, type) else type(f.default), **kw)
+        else:   # the annotation's type; for "float | None" the non-None member
+            kind = next((t for t in getattr(f.type, "__args__", (f.type,)) if t is not type(None)), str)
+            parser.add_argument(*names, type=kind, **kw)
 
 
 def config_from_args(config_cls, args: dict):

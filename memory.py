@@ -68,6 +68,7 @@ Test: pytest tests/test_memory.py
 import argparse
 import copy
 import dataclasses
+import json
 import weakref
 from itertools import accumulate
 
@@ -449,3 +450,16 @@ if __name__ == "__main__":
     ap.add_argument("--batch-size", type=int, default=512, help="global batch (per GPU: divided by --gpus)")
     args = ap.parse_args()
     print(format_rows(paper_rows(args.gpus, args.batch_size)))
+
+
+def print_plan(model_name: str, model_config, cfg) -> None:
+    """train.py --plan: the plan of a training config (its batch over --gpus GPUs x --grad-accum, --fsdp,
+    --grad-checkpointing, bf16 unless --precision fp32) as a table, or one JSON object with --json; when it
+    does not fit, the cheapest setting that does."""
+    micro = cfg.batch_size // (cfg.gpus * cfg.grad_accum)
+    kw = dict(world_size=cfg.gpus, gpu_mem_gb=cfg.gpu_mem, precision="fp32" if cfg.precision == "fp32" else "bf16",
+              multiscale=cfg.multiscale, weighting=cfg.weighting)
+    p = plan(model_name, model_config, micro, fsdp=cfg.fsdp, grad_checkpointing=cfg.grad_checkpointing, **kw)
+    if cfg.json:
+        return print(json.dumps(p))
+    print(format_plan(p, None if p["fits"] else recommend(model_name, model_config, micro, **kw)))

@@ -53,7 +53,8 @@ import torch.distributed as dist
 from PIL import Image
 from tqdm import tqdm
 
-from checkpoint import find_latest_run, load_model, setup_distributed
+from checkpoint import find_latest_run, load_model
+from distributed import setup_distributed
 from data import add_config_flags, config_from_args, error_exit_code, flag, save_grid, save_png, to_uint8
 from losses import x_from_v
 from schedules import Schedule, alpha_sigma

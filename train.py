@@ -37,30 +37,25 @@ Run:  python train.py                      (the CPU demo; the same command again
 Test: pytest tests/test_train.py
 """
 import argparse
-import contextlib
 import copy
 import dataclasses
-import hashlib
 import json
 import math
-import signal
 import sys
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
-from torch.distributed.tensor import DTensor
-from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import data
 import losses
-from checkpoint import (MODELS, CheckpointError, broadcast_object, build_model, checkpoint_step, find_checkpoints,
-                        gather_objects, is_dist, load_checkpoint, restore_training_state, save_checkpoint,
-                        setup_distributed, training_state)
+import memory
+from checkpoint import (MODELS, BackgroundWriter, Meter, Position, RandomStreams, TrainingAborted, checkpoint_to_resume,
+                        prepare_run_dir, resume, save_training)
+from distributed import (StopFlag, agree_on_step, broadcast_object, clip_gradients,
+                         gradient_sync, ignore_sigint, is_dist, local, setup_distributed, shard_model, wrap_model)
 from data import flag
 from sample import sample
 from scenes import Scenes
@@ -70,7 +65,7 @@ MAX_BAD_STEPS = 5          # non-finite steps in a row before we give up
 # Fields that may change when a run is resumed: they do not change what is being trained.
 RUNTIME_FIELDS = ("steps", "run_dir", "resume", "compile", "precision", "num_workers", "log_every", "ckpt_every",
                   "sample_every", "sample_steps", "num_samples", "sample_guidance", "skip_bad_images", "fsdp",
-                  "grad_checkpointing")
+                  "grad_checkpointing", "plan", "gpus", "gpu_mem", "json")
 
 
 @dataclass
@@ -81,8 +76,7 @@ class TrainConfig:
     preset: str = flag("", "model preset (PRESETS in unet.py / uvit.py); '' = chosen by --model and --res")
     data: str = flag("", "folder of images, searched recursively; '' = the built-in procedural scenes")
     num_scenes: int = flag(10000, "number of built-in scenes (ignored with --data)")
-    class_cond: bool | None = flag(None, "class-conditional: labels from first-level sub-folders or the scenes' "
-                                         "shape kind; default: on for the built-in scenes, off with --data")
+    class_cond: bool | None = flag(None, "labels: sub-folders, or the scenes' shape kind (default: scenes only)")
     label_dropout: float = flag(0.1, "probability of training on the null label (classifier-free guidance)")
     flip: bool = flag(True, "random horizontal flips")
     skip_bad_images: bool = flag(False, "skip unreadable images with a warning instead of stopping")
@@ -91,9 +85,8 @@ class TrainConfig:
     schedule: str = flag("shifted", "logSNR schedule", choices=SCHEDULES)
     noise_d: int = flag(64, "reference resolution of the shifted schedule (Sec. 3.1)")
     multiscale: bool = flag(False, "multiscale loss (Sec. 3.2)")
-    weighting: str = flag("sigmoid", "loss weighting: the paper's eps-MSE or SiD2's sigmoid", choices=("eps", "sigmoid"))
-    sigmoid_bias: float | None = flag(None, "bias b of the sigmoid weighting; default: SiD2's value for --res "
-                                            "(losses.sid2_sigmoid_bias), or the preset row's")
+    weighting: str = flag("sigmoid", "the paper's eps-MSE or SiD2's sigmoid weighting", choices=("eps", "sigmoid"))
+    sigmoid_bias: float | None = flag(None, "sigmoid weighting's bias b (default: losses.sid2_sigmoid_bias(res))")
     low_discrepancy: bool = flag(False, "draw the batch's t on an evenly spaced grid with one random offset (VDM)")
     # optimisation
     steps: int = flag(2000, "total optimizer steps (raise it to extend a finished run)")
@@ -101,15 +94,13 @@ class TrainConfig:
     grad_accum: int = flag(1, "micro-steps (gradient accumulation) per optimizer step")
     lr: float = flag(4e-3, "peak learning rate (AdamW)")
     warmup: int = flag(100, "linear learning-rate warm-up, in steps")
-    cooldown: float = flag(1 / 3, "fraction of --steps at the end over which the LR falls linearly to 0 "
-                                  "(0 = constant to the end)")
+    cooldown: float = flag(1 / 3, "final fraction of --steps over which the LR falls linearly to 0 (0 = none)")
     weight_decay: float = flag(0.0, "AdamW weight decay")
     beta2: float = flag(0.99, "AdamW beta2")
     grad_clip: float = flag(1.0, "clip the global gradient norm to this (0 = no clipping)")
     ema_decay: float = flag(0.999, "EMA decay per step (sampling uses the EMA weights)")
     grad_checkpointing: bool = flag(False, "activation checkpointing: less memory, about a third slower")
-    fsdp: bool = flag(False, "shard weights, gradients, optimizer state and EMA over the ranks (FSDP2) "
-                             "instead of replicating them (DDP); needs torchrun")
+    fsdp: bool = flag(False, "shard weights, gradients, AdamW state, EMA over the ranks (FSDP2; torchrun)")
     # run
     run_dir: str = flag("", "output folder; '' = runs/<model>-<res>")
     resume: str = flag("", "resume from this checkpoint file (default: the newest in the run folder)")
@@ -122,6 +113,11 @@ class TrainConfig:
     sample_steps: int = flag(64, "sampler steps for the grids")
     num_samples: int = flag(64, "images per grid (fixed seeds 0..n-1)")
     sample_guidance: float = flag(1.0, "classifier-free guidance weight w of the grids (class-conditional runs)")
+    # the memory plan: print what a run needs per GPU and exit, allocating nothing (memory.py)
+    plan: bool = flag(False, "print the per-GPU memory plan of this configuration and exit")
+    gpus: int = flag(8, "--plan: number of GPUs (the world size)")
+    gpu_mem: float = flag(80.0, "--plan: memory per GPU in GB")
+    json: bool = flag(False, "--plan: print one JSON object instead of a table")
 
 
 # Per (model, res): the model preset and the training numbers; explicit flags override them, and a res
@@ -135,14 +131,12 @@ _ROWS = {16: dict(preset="tiny"), 32: dict(preset="small", sigmoid_bias=3.4),   
          64: dict(preset="64", **_PAPER), 128: dict(preset="128", **_PAPER),
          256: dict(preset="256", multiscale=True, **_PAPER), 512: dict(preset="512", multiscale=True, **_PAPER)}
 TRAIN_PRESETS = {(model, res): row for model in MODELS for res, row in _ROWS.items()}
+for _res in (64, 128, 256, 512):   # the 2B U-ViT at 64 images per GPU: 152 GB eager, 64 GB checkpointed (--plan)
+    TRAIN_PRESETS[("uvit", _res)] = {**TRAIN_PRESETS[("uvit", _res)], "grad_checkpointing": True}
 
 
 class ConfigError(ValueError):
     """A bad flag or an incompatible run folder, reported as one line (exit 2)."""
-
-
-class TrainingAborted(RuntimeError):
-    """Training cannot go on (non-finite loss, a failed save); exit 1."""
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -207,18 +201,6 @@ def model_config(cfg: TrainConfig, num_classes: int):
                                grad_checkpointing=cfg.grad_checkpointing)
 
 
-def config_diff(old: dict, new: dict, prefix: str = "", ignore=()) -> list[str]:
-    """'name: old (checkpoint) vs new (now)' for every field that differs (lists equal tuples)."""
-    norm = lambda v: tuple(v) if isinstance(v, (list, tuple)) else v  # noqa: E731
-    return [f"{prefix}{k}: {old.get(k, '<absent>')!r} (checkpoint) vs {new.get(k, '<absent>')!r} (now)"
-            for k in sorted(set(old) | set(new)) if k not in ignore and norm(old.get(k)) != norm(new.get(k))]
-
-
-def derive_seed(*parts) -> int:
-    """A 63-bit seed from a tuple such as (seed, "noise", rank): independent streams per purpose/rank."""
-    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little") >> 1
-
-
 # ----------------------------------------------------------------------------------------------------
 # Data: the dataset, and the order of its images (a permutation per epoch, cut into ranks' slices)
 
@@ -241,86 +223,6 @@ def build_dataset(cfg: TrainConfig, rank: int):
         raise data.DataError(verdict)
     folder = data.ImageFolder(cfg.data, cfg.res, cfg.class_cond, cfg.skip_bad_images, verdict["bad_files"])
     return folder, folder.class_names
-
-
-def epoch_permutation(seed: int, epoch: int, n: int) -> torch.Tensor:
-    return torch.randperm(n, generator=torch.Generator().manual_seed(derive_seed(seed, "data", epoch)))
-
-
-def shard(global_batch: torch.Tensor, rank: int, world: int, accum: int) -> list[torch.Tensor]:
-    """This rank's micro-batches of one global batch: slot m * world + rank of size G / (world * accum).
-    The ranks' slices are disjoint and together cover the global batch exactly once."""
-    size = global_batch.numel() // (world * accum)
-    return [global_batch[(m * world + rank) * size:(m * world + rank + 1) * size] for m in range(accum)]
-
-
-class ShardSampler:
-    """Yields this rank's micro-batches of dataset indices forever, from a saved position (epoch, batch);
-    a DataLoader batch_sampler. The last incomplete batch of an epoch is dropped."""
-
-    def __init__(self, n, global_batch, accum, rank, world, seed, epoch=0, batch=0):
-        self.n, self.g, self.accum, self.rank, self.world = n, global_batch, accum, rank, world
-        self.seed, self.epoch, self.batch = seed, epoch, batch
-
-    def __iter__(self):
-        epoch, batch = self.epoch, self.batch
-        while True:
-            perm = epoch_permutation(self.seed, epoch, self.n)
-            for b in range(batch, self.n // self.g):
-                yield from (idx.tolist() for idx in shard(perm[b * self.g:(b + 1) * self.g], self.rank,
-                                                          self.world, self.accum))
-            epoch, batch = epoch + 1, 0
-
-
-def _worker_init(_):
-    signal.signal(signal.SIGINT, signal.SIG_IGN)   # Ctrl-C is the main process's business (it saves)
-
-
-@dataclass
-class Position:
-    """Where the run is: optimizer steps taken, and the data position (epoch, batch within it)."""
-    step: int = 0
-    epoch: int = 0
-    batch: int = 0
-
-    def advance(self, batches_per_epoch: int) -> None:
-        self.step, self.batch = self.step + 1, self.batch + 1
-        if self.batch == batches_per_epoch:
-            self.epoch, self.batch = self.epoch + 1, 0
-
-
-class RandomStreams:
-    """Every random draw of training, per rank, from a generator whose state is checkpointed: t, eps and
-    label dropout (`noise`, on the device), flips (`flip`, CPU), network dropout (torch's global RNG)."""
-
-    def __init__(self, seed: int, rank: int, device: torch.device):
-        self.seed, self.rank, self.device = seed, rank, device
-        self.noise, self.flip = torch.Generator(device), torch.Generator()
-        self.reseed()
-
-    def reseed(self, *extra) -> None:
-        self.noise.manual_seed(derive_seed(self.seed, "noise", self.rank, *extra))
-        self.flip.manual_seed(derive_seed(self.seed, "flip", self.rank, *extra))
-        torch.manual_seed(derive_seed(self.seed, "dropout", self.rank, *extra))
-
-    def state(self) -> dict:
-        cuda = self.device.type == "cuda"
-        return {"noise": self.noise.get_state().cpu(), "flip": self.flip.get_state(),
-                "torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(self.device) if cuda else None}
-
-    def restore(self, saved: dict, step: int, log) -> None:
-        """This rank's states from a checkpoint's rng_state; written by another number of ranks or device
-        type, reseed from (seed, step) instead: the run goes on, but no longer bit-exactly."""
-        world = dist.get_world_size() if is_dist() else 1
-        if (saved["world_size"], saved["device"]) != (world, self.device.type):
-            log(f"warning: checkpoint written by {saved['world_size']} {saved['device']} ranks, now {world} "
-                f"{self.device.type}: random streams reseeded")
-            return self.reseed(step)
-        self.noise.set_state(saved["noise"][self.rank])
-        self.flip.set_state(saved["flip"][self.rank])
-        torch.set_rng_state(saved["torch"][self.rank])
-        if self.device.type == "cuda":
-            torch.cuda.set_rng_state(saved["cuda"][self.rank], self.device)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -357,22 +259,6 @@ def forward_backward(train_model, micro: list[tuple], schedule, cfg: TrainConfig
     return step_loss
 
 
-def gradient_sync(train_model, last: bool):
-    """DDP: skip the all-reduce (no_sync) on all but the last micro-batch; FSDP: the same switch, set on
-    the module; one process: nothing to do."""
-    if isinstance(train_model, DDP):
-        return contextlib.nullcontext() if last else train_model.no_sync()
-    module = getattr(train_model, "_orig_mod", train_model)      # under torch.compile's wrapper
-    if isinstance(module, FSDPModule):
-        module.set_requires_gradient_sync(last)
-    return contextlib.nullcontext()
-
-
-def local(tensors) -> list[torch.Tensor]:
-    """This rank's part of each tensor: the local shard of an FSDP DTensor, else the tensor itself."""
-    return [t.to_local() if isinstance(t, DTensor) else t for t in tensors]
-
-
 @torch.no_grad()
 def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
     """theta_ema <- theta_ema + (1 - decay) (theta - theta_ema), all tensors in one fused call, shard by
@@ -393,103 +279,10 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.lr * min(1.0, up, down)
 
 
-def all_reduce(t: torch.Tensor, op=None) -> torch.Tensor:
-    if is_dist():
-        dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
-    return t
 
 
 # ----------------------------------------------------------------------------------------------------
 # The run folder: resuming, checkpoints, sample grids, the log
-
-def checkpoint_to_resume(cfg: TrainConfig) -> tuple[dict | None, str | None]:
-    """(checkpoint, where it came from): --resume, else the run folder's newest loadable checkpoint, else
-    (None, None). A checkpoint of another run, or a --resume older than files already in the folder, is
-    refused before anything is written."""
-    found = find_checkpoints(cfg.run_dir)
-    src = cfg.resume or (cfg.run_dir if found else None)
-    if src is None:
-        return None, None
-    ckpt = load_checkpoint(src)
-    diff = config_diff(ckpt["config"], asdict(cfg), ignore=RUNTIME_FIELDS)
-    if diff:
-        raise ConfigError(f"{src} holds a checkpoint (step {ckpt['step']}) of a different run: {'; '.join(diff)}. "
-                          f"Rerun with the same flags to resume, or choose another --run-dir (nothing was "
-                          f"changed or deleted)")
-    newer = [p for p in found if checkpoint_step(p) > ckpt["step"]]
-    if newer and cfg.resume:
-        raise ConfigError(f"{cfg.run_dir} already holds {newer[0].name}, newer than --resume {cfg.resume} "
-                          f"(step {ckpt['step']}); pick another --run-dir so that nothing is overwritten")
-    return ckpt, src
-
-
-def resume(ckpt: dict, src: str, model, ema, optimizer, streams: RandomStreams, num_images: int,
-           cfg: TrainConfig, log) -> Position:
-    """Put the live objects into the checkpoint's state; returns the position to continue from."""
-    diff = config_diff(ckpt["model_config"], asdict(model.config), "model_config.", ("grad_checkpointing",))
-    if diff:
-        raise ConfigError(f"{src}: the checkpoint's network differs from this run's: {'; '.join(diff)}; "
-                          f"choose another --run-dir")
-    restore_training_state(ckpt, model, ema, optimizer)
-    saved = ckpt["data_state"]
-    pos = Position(ckpt["step"], saved["epoch"], saved["batch"])
-    if saved["num_images"] != num_images:
-        log(f"warning: the data had {saved['num_images']} images and now has {num_images}; continuing in "
-            f"epoch {pos.epoch} with the new list")
-        pos.batch = min(pos.batch, num_images // cfg.batch_size - 1)
-    streams.restore(ckpt["rng_state"], pos.step, log)
-    log(f"resumed from {src} at step {pos.step}")
-    return pos
-
-
-def prepare_run_dir(cfg: TrainConfig, step: int, log) -> list[dict]:
-    """Rank 0, before training: set aside unreadable checkpoints newer than `step` (kept as .corrupt, never
-    overwritten), remove temp files of a killed save, write config.json, and cut log.jsonl back to `step`.
-    Returns the log records so far (for the loss curve)."""
-    run_dir = Path(cfg.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    for p in find_checkpoints(run_dir):
-        if checkpoint_step(p) > step and not cfg.resume:
-            p.rename(p.with_name(p.name + ".corrupt"))
-            log(f"warning: {p.name} could not be loaded; kept as {p.name}.corrupt")
-    for tmp in [*run_dir.glob("*.tmp*"), *run_dir.glob("samples/*.tmp*")]:
-        tmp.unlink()
-    write_text(run_dir / "config.json", json.dumps(asdict(cfg), indent=2) + "\n")
-    log_path = run_dir / "log.jsonl"
-    records = [json.loads(x) for x in log_path.read_text().splitlines()] if log_path.exists() else []
-    records = [r for r in records if r["step"] <= step]          # lines written after the checkpoint go
-    write_text(log_path, "".join(json.dumps(r) + "\n" for r in records))
-    return records
-
-
-def write_text(path: Path, text: str) -> None:
-    data.write_atomic(path, lambda f: f.write(text.encode()))
-
-
-def save(cfg: TrainConfig, pos: Position, model, ema, optimizer, streams: RandomStreams, schedule,
-         class_names, num_images: int, log) -> None:
-    """Collective: every rank contributes its random states; rank 0 checks the weights and writes; if
-    that fails, every rank stops (exit 1) with the previous checkpoint intact."""
-    rngs, error = gather_objects(streams.state()), None
-    state = training_state(   # collective: full tensors gathered to rank 0
-        step=pos.step, model_name=cfg.model, model=model, ema=ema, optimizer=optimizer, schedule=schedule,
-        config=cfg, class_names=class_names, data_state={"epoch": pos.epoch, "batch": pos.batch, "num_images":
-                                                         num_images},
-        rng_state={"world_size": len(rngs), "device": streams.device.type, **{k: [r[k] for r in rngs] for k in rngs[0]}})
-    if not is_dist() or dist.get_rank() == 0:
-        try:
-            bad = [k for k, v in state["model"].items() if v.is_floating_point() and not v.isfinite().all()]
-            if bad:
-                raise TrainingAborted(f"step {pos.step}: non-finite weights in {bad[:3]}; not saving them")
-            log(f"saved {save_checkpoint(cfg.run_dir, state)}")
-        except TrainingAborted as e:
-            error = str(e)
-        except OSError as e:
-            error = (f"could not write the checkpoint of step {pos.step} ({e}); the previous checkpoint is "
-                     f"intact; free disk space and rerun the same command to resume")
-    if error := broadcast_object(error):
-        raise TrainingAborted(error)
-
 
 def sample_grid(cfg: TrainConfig, step: int, ema, schedule, num_classes: int, autocast, records, log) -> None:
     """EMA samples from the fixed seeds 0..num_samples-1 (class seed % num_classes, guided), and the loss
@@ -508,130 +301,38 @@ def sample_grid(cfg: TrainConfig, step: int, ema, schedule, num_classes: int, au
     if rank != 0:
         return
     data.save_grid(images, path)
-    draw_loss_curve(records, Path(cfg.run_dir) / "loss_curve.png")
+    data.draw_loss_curve(records, Path(cfg.run_dir) / "loss_curve.png")
     log(f"samples: {path}")
 
 
-class Meter:
-    """Loss and gradient norm summed on the device between log lines (no per-step host sync), then
-    averaged over steps and ranks in one all-reduce; writes a log line and a log.jsonl record."""
-
-    def __init__(self, device):
-        self.sums, self.count, self.t0 = torch.zeros(2, device=device), 0, time.time()
-
-    def add(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
-        self.sums += torch.stack([loss, grad_norm.float()])
-        self.count += 1
-
-    def flush(self, cfg: TrainConfig, pos: Position, lr: float, records: list, log, pbar) -> None:
-        sums = all_reduce(self.sums.clone())                         # the one sync of a logging step
-        world = dist.get_world_size() if is_dist() else 1
-        loss, gnorm = (sums / (world * max(self.count, 1))).tolist()
-        if records is not None and self.count:                       # rank 0 keeps the records
-            r = {"step": pos.step, "loss": loss, "lr": lr, "grad_norm": gnorm, "epoch": pos.epoch,
-                 "img_per_s": round(cfg.batch_size * self.count / (time.time() - self.t0), 1),
-                 "mem_gb": round(memory_gb(self.sums.device), 3), "time": round(time.time(), 1)}
-            records.append(r)
-            with open(Path(cfg.run_dir) / "log.jsonl", "a") as f:
-                f.write(json.dumps(r) + "\n")
-            pbar.set_postfix(loss=f"{loss:.4f}", img_s=f"{r['img_per_s']:.0f}")
-            log(f"step {pos.step:>7} | loss {loss:.4f} | lr {lr:.2e} | grad {gnorm:.3f} | "
-                f"{r['img_per_s']:.0f} img/s | mem {r['mem_gb']:.2f} GB")
-        self.sums.zero_()
-        self.count = 0
-
-    def restart_clock(self) -> None:
-        """img/s counts training only, not logging, saving or sampling."""
-        self.t0 = time.time()
+def device_choices(cfg: TrainConfig, device: torch.device):
+    """(precision, compile or not, the autocast context). bf16 autocast on GPUs: matmuls and convolutions
+    in bf16, norms and the loss in fp32, weights in fp32; TF32 for what stays fp32 on Ampere and later."""
+    cuda = device.type == "cuda"
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    precision = ("bf16" if cuda else "fp32") if cfg.precision == "auto" else cfg.precision
+    if precision == "bf16" and cuda and not torch.cuda.is_bf16_supported():
+        raise ConfigError(f"--precision bf16: this GPU ({torch.cuda.get_device_name(device)}) has no bfloat16 "
+                          f"support; use --precision fp32")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+    return precision, cuda if cfg.compile is None else cfg.compile, autocast
 
 
-def memory_gb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20   # Linux reports kB
+def eager_after_compile_failure(e: Exception, model, optimizer, device, log):
+    """torch.compile failed on the first step: warn once, drop any partial gradients, train eagerly."""
+    log(f"warning: torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); training "
+        f"without it (pass --no-compile to skip this attempt)")
+    optimizer.zero_grad(set_to_none=True)
+    return wrap_model(model, False, device)
 
 
-def draw_loss_curve(records: list[dict], path: Path, size=(560, 320)) -> None:
-    """Loss against step on a log axis: the logged values (light) and a centred moving average of
-    about 1/20 of the run (dark, no lag), with round-number ticks; drawn with Pillow."""
-    from PIL import Image, ImageDraw
-    pts = [(r["step"], math.log10(r["loss"])) for r in records if r.get("loss", 0) > 0 and math.isfinite(r["loss"])]
-    if len(pts) < 2:
-        return
-    w, h, (l, r, t, b) = *size, (60, 15, 25, 35)
-    img = Image.new("RGB", size, "white")
-    d = ImageDraw.Draw(img)
-    x0, x1 = pts[0][0], pts[-1][0]
-    y0, y1 = min(p[1] for p in pts), max(p[1] for p in pts)
-    y0, y1 = (y0 - 0.05, y1 + 0.05) if y1 - y0 < 0.1 else (y0, y1)
-    sx = lambda s: l + (s - x0) / max(x1 - x0, 1) * (w - l - r)              # noqa: E731
-    sy = lambda y: t + (y1 - y) / (y1 - y0) * (h - t - b)                   # noqa: E731
-    d.rectangle([l, t, w - r, h - b], outline="black")
-    for k in range(math.ceil(y0 * 4), math.floor(y1 * 4) + 1):              # y ticks at 10^(k/4)
-        d.line([l - 4, sy(k / 4), l, sy(k / 4)], fill="black")
-        d.text((4, sy(k / 4) - 6), f"{10 ** (k / 4):.3g}", fill="black")
-    gap = 10 ** math.floor(math.log10(max(x1 - x0, 1) / 4))                 # x ticks at 1, 2 or 5 x 10^k
-    gap *= next(m for m in (1, 2, 5, 10) if (x1 - x0) / (gap * m) <= 6)
-    for k in range(math.ceil(x0 / gap), math.floor(x1 / gap) + 1):
-        d.line([sx(k * gap), h - b, sx(k * gap), h - b + 4], fill="black")
-        d.text((sx(k * gap) - 12, h - b + 7), f"{k * gap:g}", fill="black")
-    half = len(pts) // 40
-    windows = [[y for _, y in pts[max(i - half, 0):i + half + 1]] for i in range(len(pts))]
-    smooth = [(s, sum(win) / len(win)) for (s, _), win in zip(pts, windows)]
-    d.line([(sx(s), sy(y)) for s, y in pts], fill=(170, 190, 230), width=1)
-    d.line([(sx(s), sy(y)) for s, y in smooth], fill=(20, 60, 160), width=2)
-    d.text((l, 5), "training loss (log scale) vs step", fill="black")
-    data.write_atomic(path, lambda f: img.save(f, format="PNG"))
-
-
-class StopFlag:
-    """SIGTERM / SIGINT set a flag; the loop agrees on it across ranks, saves at the step boundary and
-    exits 0. A second Ctrl-C aborts at once (KeyboardInterrupt), without saving."""
-
-    def __init__(self):
-        self.requested = False
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._handler)
-
-    def _handler(self, signum, frame):
-        if self.requested and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.requested = True
-        print(f"\n{signal.Signals(signum).name}: saving a checkpoint at the end of this step, then exiting "
-              f"(Ctrl-C again aborts without saving)", file=sys.stderr, flush=True)
-
-
-def shard_model(model: torch.nn.Module, bf16: bool) -> None:
-    """FSDP2 in place: each conv level, U-Net middle block and transformer block is one unit whose
-    weights are gathered just before it runs and freed after; the root holds the rest (stem, embeddings,
-    head). On CUDA the gathered weights are bf16, gradients are reduced in fp32."""
-    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 \
-        else MixedPrecisionPolicy()
-    for unit in [*model.levels, *getattr(model, "middle", ()), *getattr(model, "blocks", ())]:
-        fully_shard(unit, mp_policy=policy)
-    for level in model.levels:              # a level runs through encode/decode, not forward
-        register_fsdp_forward_method(level, "encode")
-        register_fsdp_forward_method(level, "decode")
-    fully_shard(model, mp_policy=policy)
-
-
-def wrap_model(model, use_compile: bool, device: torch.device):
-    """The callable that trains: torch.compile's wrapper of the raw module (if asked), inside DDP when
-    there are several ranks (an FSDP-sharded module needs no wrapper). The raw module stays what is saved
-    and averaged, so keys carry no prefixes."""
-    net = torch.compile(model) if use_compile else model
-    if not is_dist() or isinstance(model, FSDPModule):
-        return net
-    return DDP(net, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True)
-
-
-def agree_on_step(loss: torch.Tensor, grad_norm: torch.Tensor, stop: StopFlag) -> tuple[bool, bool]:
-    """(skip this step, stop after it), decided alike on every rank with one tiny all-reduce: skip if any
-    rank saw a non-finite loss or gradient, stop if any rank was signalled."""
-    flags = torch.stack([~(loss.isfinite() & grad_norm.isfinite()), torch.tensor(stop.requested, device=loss.device)])
-    bad, stopping = all_reduce(flags.float(), dist.ReduceOp.MAX if is_dist() else None).tolist()
-    return bool(bad), bool(stopping)
+def skip_step(bad_steps: int, step: int, log) -> int:
+    """A non-finite step was skipped on every rank: warn; after MAX_BAD_STEPS in a row, stop (exit 1)."""
+    log(f"warning: step {step}: non-finite loss or gradient; step skipped ({bad_steps} in a row)")
+    if bad_steps >= MAX_BAD_STEPS:
+        raise TrainingAborted(f"step {step}: loss or gradient not finite for {bad_steps} steps in a row; stopping "
+                              f"without saving (the last checkpoint is intact); try a lower --lr or --precision fp32")
+    return bad_steps
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -641,42 +342,46 @@ def train(argv=None):
     """The whole run; returns the raw model and the EMA (for tests and notebooks)."""
     # 1. Processes and config. A signal during start-up stops the run after its first step. -----------
     stop = StopFlag()
-    rank, world, device = setup_distributed()
     cfg = resolve_config(argv)
+    # --plan answers "does it fit?" before any process group, data or weights exist.
+    if cfg.plan:   # memory.py: the per-GPU memory of this configuration, computed on the meta device
+        check_config(cfg, cfg.gpus)
+        return memory.print_plan(cfg.model, model_config(cfg, 1000 if cfg.class_cond else 0), cfg)
+    rank, world, device = setup_distributed()
     check_config(cfg, world)
     log = (lambda msg: tqdm.write(msg, file=sys.stderr)) if rank == 0 else (lambda msg: None)
     cuda = device.type == "cuda"
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True   # Ampere+ fp32 speed
-    use_compile = cuda if cfg.compile is None else cfg.compile
-    precision = ("bf16" if cuda else "fp32") if cfg.precision == "auto" else cfg.precision
-    if precision == "bf16" and cuda and not torch.cuda.is_bf16_supported():
-        raise ConfigError(f"--precision bf16: this GPU ({torch.cuda.get_device_name(device)}) has no bfloat16 "
-                          f"support; use --precision fp32")
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+    precision, use_compile, autocast = device_choices(cfg, device)
 
     # 2. What to resume from (rank 0 chooses for all); a folder of another run is refused. -------------
-    ckpt, ckpt_src = checkpoint_to_resume(cfg)
+    ckpt, ckpt_src = checkpoint_to_resume(cfg, RUNTIME_FIELDS)
 
     # 3. Data. ----------------------------------------------------------------------------------------
+    # The whole dataset on every rank; the ShardSampler below gives each rank its slice of every batch.
     dataset, class_names = build_dataset(cfg, rank)
+    # num_classes = 0 makes an unconditional network; else label num_classes is the null label.
     n, num_classes = len(dataset), len(class_names) if cfg.class_cond else 0
 
     # 4. Model, EMA, schedule, optimizer: the same initialisation on every rank. -----------------------
+    # Same seed on every rank, so the ranks start from the same weights without a broadcast.
     torch.manual_seed(cfg.seed)
     model = MODELS[cfg.model][0](model_config(cfg, num_classes)).to(device)
     ema = copy.deepcopy(model).requires_grad_(False).eval()
     if cfg.fsdp:                        # shard before the optimizer is built: it must hold the shards
         shard_model(model, bf16=precision == "bf16" and cuda)
         shard_model(ema, bf16=precision == "bf16" and cuda)
+    # logsnr(t) for this resolution: Eq. 5's shift 2 log(noise_d / res) by default (schedules.py).
     schedule = get_schedule(cfg.schedule, cfg.res, noise_d=cfg.noise_d)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, cfg.beta2),
                                   weight_decay=cfg.weight_decay, **({"fused": True} if cuda else {}))
 
     # 5. Resume, or start fresh; then the run folder (rank 0). ----------------------------------------
+    # Resumed: the checkpoint's random streams and data position; fresh: seeded from (--seed, purpose, rank).
     streams, pos = RandomStreams(cfg.seed, rank, device), Position()
     if ckpt is not None:
         pos = resume(ckpt, ckpt_src, model, ema, optimizer, streams, n, cfg, log)
         del ckpt
+    # Only rank 0 touches the run folder (config.json, log.jsonl, grids); the others only read checkpoints.
     records = prepare_run_dir(cfg, pos.step, log) if rank == 0 else None
     log("config: " + json.dumps(asdict(cfg)))
     log(f"{cfg.model} preset {cfg.preset!r}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
@@ -685,55 +390,57 @@ def train(argv=None):
     # 6. The callable that trains (compiled, DDP) and the data loader from the saved position. ---------
     if use_compile and world > 1 and cfg.grad_checkpointing:
         torch._dynamo.config.optimize_ddp = False   # DDP's graph splitting rejects checkpointed regions
+    # train_model is what the loop calls (compiled, under DDP); model stays the raw module it wraps.
     train_model = wrap_model(model, use_compile, device)
     loader = iter(torch.utils.data.DataLoader(
-        dataset, batch_sampler=ShardSampler(n, cfg.batch_size, cfg.grad_accum, rank, world, cfg.seed,
+        dataset, batch_sampler=data.ShardSampler(n, cfg.batch_size, cfg.grad_accum, rank, world, cfg.seed,
                                             pos.epoch, pos.batch),
-        num_workers=cfg.num_workers, pin_memory=cuda, worker_init_fn=_worker_init,
+        num_workers=cfg.num_workers, pin_memory=cuda, worker_init_fn=ignore_sigint,
         persistent_workers=cfg.num_workers > 0, generator=torch.Generator()))   # not torch's global RNG
 
     # 7. The loop. ------------------------------------------------------------------------------------
+    # theta is trained, theta_ema only averaged; both stay raw modules (no wrapper prefixes in their keys).
     model.train()
-    start, last_saved, bad_steps, meter = pos.step, pos.step, 0, Meter(device)
+    start, last_saved, bad_steps, meter, writer = pos.step, pos.step, 0, Meter(device), BackgroundWriter()
     pbar = tqdm(total=cfg.steps, initial=pos.step, disable=rank != 0, unit="step", dynamic_ncols=True)
     while pos.step < cfg.steps:
+        # lr_n: the warm-up-stable-decay schedule of the module docstring, set on AdamW every step.
         lr = lr_at(pos.step, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
+        # All the step's random draws first (data, flips, t, eps, label dropout), then the network.
         micro = draw_batch(loader, streams, cfg, num_classes, device)
         try:
             loss = forward_backward(train_model, micro, schedule, cfg, autocast)
         except Exception as e:   # torch.compile fails on the first call (no compiler, unsupported op ...)
             if not use_compile or pos.step != start:
                 raise
-            log(f"warning: torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); training "
-                f"without it (pass --no-compile to skip this attempt)")
-            use_compile, train_model = False, wrap_model(model, False, device)
-            optimizer.zero_grad(set_to_none=True)
+            use_compile, train_model = False, eager_after_compile_failure(e, model, optimizer, device, log)
             loss = forward_backward(train_model, micro, schedule, cfg, autocast)   # the same draws again
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
-        grad_norm = grad_norm.full_tensor() if isinstance(grad_norm, DTensor) else grad_norm   # FSDP: a DTensor
+        # Gradients are averaged over ranks by now; clipping by the global norm scales every rank's alike.
+        grad_norm = clip_gradients(model, cfg.grad_clip)
+        # One tiny all-reduce decides for all ranks: a non-finite step is skipped everywhere (AdamW never
+        # sees it), and a signal on any rank stops every rank at this step boundary.
         bad, stopping = agree_on_step(loss, grad_norm, stop)
         if bad:
-            bad_steps += 1
-            log(f"warning: step {pos.step}: non-finite loss or gradient; step skipped ({bad_steps} in a row)")
-            if bad_steps >= MAX_BAD_STEPS:
-                raise TrainingAborted(f"step {pos.step}: loss or gradient not finite for {bad_steps} steps in a "
-                                      f"row; stopping without saving (the last checkpoint is intact); try a "
-                                      f"lower --lr or --precision fp32")
+            bad_steps = skip_step(bad_steps + 1, pos.step, log)
         else:
+            # theta <- AdamW step; theta_ema <- lerp towards theta (a short warm-up of the decay first).
             optimizer.step()
             ema_update(ema, model, ema_decay_at(pos.step, cfg.ema_decay))
             bad_steps = 0
             meter.add(loss, grad_norm)
+        # The step is spent even when skipped: its batch is used up, so data order never depends on luck.
         optimizer.zero_grad(set_to_none=world == 1)   # under DDP the gradients are views of its buckets
         pos.advance(n // cfg.batch_size)
         pbar.update(1)
 
+        # Logging, checkpoints and grids happen between steps, so none of them changes what is trained.
         if pos.step % cfg.log_every == 0 or pos.step == cfg.steps or stopping:
             meter.flush(cfg, pos, lr, records, log, pbar)
         if stopping or pos.step == cfg.steps or (cfg.ckpt_every and pos.step % cfg.ckpt_every == 0):
-            save(cfg, pos, model, ema, optimizer, streams, schedule, class_names, n, log)
+            save_training(cfg, pos, model, ema, optimizer, streams, schedule, class_names, n, writer, log,
+                 wait=stopping or pos.step == cfg.steps)
             last_saved = pos.step
         if stopping:
             pbar.close()
@@ -747,7 +454,7 @@ def train(argv=None):
     # 8. Final save (a finished run started again arrives here at once: raise --steps to go on). -------
     pbar.close()
     if last_saved != pos.step:
-        save(cfg, pos, model, ema, optimizer, streams, schedule, class_names, n, log)
+        save_training(cfg, pos, model, ema, optimizer, streams, schedule, class_names, n, writer, log, wait=True)
     log(f"done: step {pos.step} of {cfg.steps} ({pos.step - start} trained now); checkpoints, log.jsonl, "
         f"samples/ and loss_curve.png are in {cfg.run_dir}")
     return model, ema

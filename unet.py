@@ -53,6 +53,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
+from torch.utils.flop_counter import FlopCounterMode
 
 LOGSNR_RANGE = 25.0  # |logsnr| up to which the slowest sinusoid stays monotone
 
@@ -286,9 +287,8 @@ class Level(nn.Module):
         up_in = channels if residual else 2 * channels
         self.down_blocks = nn.ModuleList(ResBlock(channels, channels, **block) for _ in range(num_blocks))
         self.up_blocks = nn.ModuleList(ResBlock(up_in, channels, **block) for _ in range(num_blocks))
-        last = next_channels is None                       # the lowest level has no down/up
-        self.down = None if last else nn.Conv2d(channels, next_channels, 1, bias=False)
-        self.up = None if last else nn.Conv2d(next_channels, channels, 1, bias=False)  # no bias: up(0) = 0
+        self.down = None if next_channels is None else nn.Conv2d(channels, next_channels, 1, bias=False)  # lowest level:
+        self.up = None if next_channels is None else nn.Conv2d(next_channels, channels, 1, bias=False)  # None; up(0) = 0
 
     def encode(self, h: torch.Tensor, emb: torch.Tensor, saved: list) -> torch.Tensor:
         for block in self.down_blocks:
@@ -390,6 +390,16 @@ def zero_head(channels: int, out_channels: int, groups: int) -> nn.Sequential:
     return head
 
 
+def encode(model: nn.Module, z_t, logsnr, class_labels) -> tuple[torch.Tensor, torch.Tensor, list]:
+    """The way down, shared by UNet and UViT: (lowest features, embedding (B, E), skips for the way up)."""
+    logsnr = check_inputs(model, z_t, logsnr, class_labels)
+    emb = model.cond(logsnr, class_labels)                       # (B, E)
+    h, saved = model.conv_in(model.stem(z_t)), []                # (B, C0, res/f, res/f)
+    for level in model.levels:
+        h = level.encode(h, emb, saved)                          # each level halves H and W
+    return h, emb, saved
+
+
 class UNet(nn.Module):
     """forward(z_t (B, C, H, W), logsnr (B,), class_labels (B,) long or None) -> v_pred (B, C, H, W)."""
 
@@ -414,12 +424,7 @@ class UNet(nn.Module):
         self.head = zero_head(ch[0], stem_channels, g)
 
     def forward(self, z_t: torch.Tensor, logsnr: torch.Tensor, class_labels: torch.Tensor | None = None):
-        logsnr = check_inputs(self, z_t, logsnr, class_labels)
-        emb = self.cond(logsnr, class_labels)                    # (B, E)
-        h = self.conv_in(self.stem(z_t))                         # (B, C0, res/f, res/f)
-        saved = []
-        for level in self.levels:
-            h = level.encode(h, emb, saved)                      # down to (B, C_last, r_last, r_last)
+        h, emb, saved = encode(self, z_t, logsnr, class_labels)  # down to (B, C_last, r_last, r_last)
         for block in self.middle:
             h = run_block(block, h, emb, self.config.grad_checkpointing)
         for level in reversed(self.levels):
@@ -428,10 +433,8 @@ class UNet(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Presets. Hyper-parameters are our choice (the paper gives none we could read; see the docstring).
-# "tiny": tests. "small": the CPU demo default (about 2M parameters, convs never at full resolution).
-# Paper-scale 128/256/512 share the conv levels 128..8 px (16x16 scaled up); only the stem differs,
-# which is the paper's point: the wavelet stem makes 512 cost about what 128 costs.
+# Presets (all ours). "tiny": tests; "small": the CPU demo. Paper-scale 128/256/512 share the conv levels
+# 128..8 px; only the stem differs: the paper's point, the wavelet stem makes 512 cost what 128 costs.
 
 PRESETS: dict[str, UNetConfig] = {
     "tiny": UNetConfig(res=32, stem="patch", stem_factor=2, channels=(16, 32), num_blocks=(1, 1),
@@ -466,13 +469,11 @@ def preset_config(name: str, **overrides) -> UNetConfig:
 
 def model_stats(model_cls, cfg) -> tuple[int, float]:
     """(parameters, forward FLOPs per image; a multiply-add is 2 FLOPs), counted on the meta device."""
-    from torch.utils.flop_counter import FlopCounterMode
     with torch.device("meta"):
         model, z_t = model_cls(cfg), torch.zeros(1, cfg.in_channels, cfg.res, cfg.res)
-    params = sum(p.numel() for p in model.parameters())
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         model(z_t, z_t.new_zeros(1))
-    return params, counter.get_total_flops()
+    return sum(p.numel() for p in model.parameters()), counter.get_total_flops()
 
 
 def preset_cli(model_cls, presets: dict, describe) -> None:
@@ -490,8 +491,7 @@ def preset_cli(model_cls, presets: dict, describe) -> None:
     try:
         cfg = make_preset_config(presets, args.preset, {} if args.res is None else {"res": args.res})
         params, flops = model_stats(model_cls, cfg)
-        print(asdict(cfg))
-        print(f"{describe(cfg)}; {params / 1e6:.2f}M parameters; {flops / 1e9:.3f} forward GFLOPs per image")
+        print(f"{asdict(cfg)}\n{describe(cfg)}; {params / 1e6:.2f}M parameters; {flops / 1e9:.3f} fwd GFLOPs/image")
     except ValueError as e:
         p.exit(2, f"error: {e}\n")
 

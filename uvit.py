@@ -57,7 +57,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from unet import (Conditioning, Level, Stem, check_common, check_inputs, conv_level_resolutions, lists_to_tuples,
+from unet import (Conditioning, Level, Stem, check_common, conv_level_resolutions, encode, lists_to_tuples,
                   make_preset_config, preset_cli, run_block, zero_head)
 
 
@@ -188,12 +188,7 @@ class UViT(nn.Module):
         self.head = zero_head(ch[0], stem_channels, g)
 
     def forward(self, z_t: torch.Tensor, logsnr: torch.Tensor, class_labels: torch.Tensor | None = None):
-        logsnr = check_inputs(self, z_t, logsnr, class_labels)
-        emb = self.cond(logsnr, class_labels)                    # (B, E)
-        h = self.conv_in(self.stem(z_t))                         # (B, C0, res/f, res/f)
-        saved = []
-        for level in self.levels:
-            h = level.encode(h, emb, saved)                      # ends at (B, D, grid, grid)
+        h, emb, saved = encode(self, z_t, logsnr, class_labels)  # ends at (B, D, grid, grid)
         B, D, G, _ = h.shape
         # contiguous: otherwise the sum keeps the transposed strides, and every LayerNorm and Linear of
         # the residual stream copies its input first.

@@ -11,8 +11,10 @@ import pytest
 import torch
 import torch.nn as nn
 
+import checkpoint
 import unet
 import uvit
+from schedules import get_schedule
 
 # name -> (model class, preset_config, PRESETS)
 MODELS = {"unet": (unet.UNet, unet.preset_config, unet.PRESETS),
@@ -73,3 +75,21 @@ def softmax_attention(tokens: torch.Tensor, w_qkv: torch.Tensor, b_qkv: torch.Te
         weights = logits.exp() / logits.exp().sum(-1, keepdim=True)
         out.append(weights @ v)
     return torch.cat(out, dim=-1)
+
+
+# ---------------------------------------------------------------------------------------- checkpoints
+
+def write_checkpoint(run_dir, step, num_classes=0, class_names=None, res=8, seed=0, wrap=lambda sd: sd):
+    """A checkpoint of a tiny U-Net through checkpoint.training_state, the path train.py takes. The EMA is
+    the raw weights + 1, so a test can tell which of the two was loaded."""
+    torch.manual_seed(seed)
+    model = unet.UNet(unet.preset_config("tiny", res=res, num_classes=num_classes))
+    ema = unet.UNet(model.config)
+    ema.load_state_dict({k: v + 1 for k, v in model.state_dict().items()})
+    optimizer = torch.optim.AdamW(model.parameters())
+    state = checkpoint.training_state(step=step, model_name="unet", model=model, ema=ema, optimizer=optimizer,
+                             schedule=get_schedule("shifted", res), config=model.config, class_names=class_names,
+                             data_state={}, rng_state={})
+    state["model"], state["ema"] = wrap(state["model"]), wrap(state["ema"])
+    checkpoint.save_checkpoint(run_dir, state, keep=100)
+    return model

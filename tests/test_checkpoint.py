@@ -13,30 +13,14 @@ checkpoint.py: the file format train.py writes and sample.py reads, checked agai
 """
 import dataclasses
 import os
-from pathlib import Path
 
 import pytest
 import torch
 
 import checkpoint as C
+from conftest import write_checkpoint
 from schedules import get_schedule
 from unet import UNet, preset_config
-
-
-def write_checkpoint(run_dir, step, num_classes=0, class_names=None, res=8, seed=0, wrap=lambda sd: sd):
-    """A checkpoint of a tiny U-Net through checkpoint.training_state, the path train.py takes. The EMA is
-    the raw weights + 1, so a test can tell which of the two was loaded."""
-    torch.manual_seed(seed)
-    model = UNet(preset_config("tiny", res=res, num_classes=num_classes))
-    ema = UNet(model.config)
-    ema.load_state_dict({k: v + 1 for k, v in model.state_dict().items()})
-    optimizer = torch.optim.AdamW(model.parameters())
-    state = C.training_state(step=step, model_name="unet", model=model, ema=ema, optimizer=optimizer,
-                             schedule=get_schedule("shifted", res), config=model.config, class_names=class_names,
-                             data_state={}, rng_state={})
-    state["model"], state["ema"] = wrap(state["model"]), wrap(state["ema"])
-    C.save_checkpoint(run_dir, state, keep=100)
-    return model
 
 
 def test_folder_falls_back_past_a_corrupt_file_and_named_files_fail(tmp_path, capsys):
@@ -125,3 +109,24 @@ def test_build_model_and_load_refuse_foreign_input(tmp_path):
     torch.save({"step": 1}, tmp_path / "ckpt_00000001.pt")                  # a torch file, not ours
     with pytest.raises(C.CheckpointError, match="not a simple-diffusion checkpoint"):
         C.load_checkpoint(tmp_path / "ckpt_00000001.pt")
+
+
+def test_background_writer_snapshots_and_reports_failures_later(tmp_path, monkeypatch):
+    w = torch.ones(1000)
+    writer = C.BackgroundWriter()
+    writer.submit(tmp_path, {"step": 1, "w": w})
+    w.add_(1)                                          # training goes on while the file is written
+    writer.wait()
+    saved = tmp_path / "ckpt_00000001.pt"
+    assert torch.equal(torch.load(saved, weights_only=True)["w"], torch.ones(1000))   # the snapshot, not w now
+    before = saved.read_bytes()
+
+    def disk_full(obj, f):
+        f.write(b"partial")
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(torch, "save", disk_full)
+    writer.submit(tmp_path, {"step": 2, "w": w})       # returns at once; the failure comes with the next call
+    with pytest.raises(OSError, match="No space left"):
+        writer.wait()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [saved.name] and saved.read_bytes() == before
+    writer.wait()                                      # reported once, then the writer is usable again

@@ -26,7 +26,7 @@ import torch
 from PIL import Image
 
 import sample as S
-from test_checkpoint import write_checkpoint
+from conftest import write_checkpoint
 from schedules import get_schedule
 
 REPO = Path(__file__).resolve().parents[1]
@@ -280,6 +280,7 @@ def run_cli(args, cwd):
                           text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
 
 
+@pytest.mark.slow
 def test_cli_end_to_end(tmp_path):
     write_checkpoint(tmp_path / "runs" / "unet-8", 3)
     done = run_cli(["--num-images", "5", "--steps", "2", "--batch-size", "2"], tmp_path)     # no --ckpt: ./runs

@@ -38,6 +38,7 @@ import pytest
 import torch
 from PIL import Image
 
+import data
 import scenes
 import checkpoint
 import train
@@ -86,6 +87,7 @@ def tree_digest(folder: Path) -> dict:
 # ----------------------------------------------------------------------------------------------------
 # Config, CLI, data order (in-process, no training)
 
+@pytest.mark.slow
 def test_help_lists_every_config_field():
     proc = run(["--help"], cwd=REPO)
     assert proc.returncode == 0
@@ -125,25 +127,26 @@ def test_batch_must_divide_by_world_size_times_accumulation():
 
 def test_shards_are_disjoint_and_cover_each_global_batch():
     n, g, accum, world = 40, 12, 2, 3                              # micro-batches of 12 / (3 x 2) = 2
-    streams = [iter(train.ShardSampler(n, g, accum, r, world, seed=5)) for r in range(world)]
+    streams = [iter(data.ShardSampler(n, g, accum, r, world, seed=5)) for r in range(world)]
     for b in range(2 * (n // g)):                                    # two epochs
         epoch, k = divmod(b, n // g)
-        expected = train.epoch_permutation(5, epoch, n)[k * g:(k + 1) * g].tolist()
+        expected = data.epoch_permutation(5, epoch, n)[k * g:(k + 1) * g].tolist()
         got = [next(s) for s in streams for _ in range(accum)]      # rank-major
         flat = [i for micro in got for i in micro]
         assert all(len(m) == 2 for m in got)
         assert sorted(flat) == sorted(expected) and len(set(flat)) == g
     # A sampler restarted at (epoch 1, batch 1) continues exactly where the stream was.
-    fresh = [iter(train.ShardSampler(n, g, accum, 0, world, 5)) for _ in range(1)][0]
+    fresh = [iter(data.ShardSampler(n, g, accum, 0, world, 5)) for _ in range(1)][0]
     for _ in range((n // g + 1) * accum):
         next(fresh)
-    resumed = iter(train.ShardSampler(n, g, accum, 0, world, 5, epoch=1, batch=1))
+    resumed = iter(data.ShardSampler(n, g, accum, 0, world, 5, epoch=1, batch=1))
     assert [next(resumed) for _ in range(5)] == [next(fresh) for _ in range(5)]
 
 
 # ----------------------------------------------------------------------------------------------------
 # Bad inputs through the CLI (exit 2, one `error:` line)
 
+@pytest.mark.slow
 def test_cli_batch_not_divisible(tmp_path):
     proc = run([*TINY, "--batch-size", "10", "--grad-accum", "3", "--run-dir", tmp_path / "r"], tmp_path)
     assert proc.returncode == 2
@@ -152,6 +155,7 @@ def test_cli_batch_not_divisible(tmp_path):
     assert not (tmp_path / "r").exists()
 
 
+@pytest.mark.slow
 def test_cli_fewer_images_than_one_batch(tmp_path):
     folder = tmp_path / "imgs"
     folder.mkdir()
@@ -164,6 +168,7 @@ def test_cli_fewer_images_than_one_batch(tmp_path):
     assert not (tmp_path / "r").exists()
 
 
+@pytest.mark.slow
 def test_cli_bad_resolution_and_missing_data(tmp_path):
     proc = run([*TINY, "--res", "17", "--run-dir", tmp_path / "r"], tmp_path)   # tiny: 2x2 stem, 2 levels
     assert proc.returncode == 2
@@ -173,12 +178,14 @@ def test_cli_bad_resolution_and_missing_data(tmp_path):
     assert not (tmp_path / "r").exists()
 
 
+@pytest.mark.slow
 def test_cli_resume_missing_file(tmp_path):
     missing = tmp_path / "nope" / "ckpt_00000010.pt"
     proc = run([*TINY, "--resume", missing, "--run-dir", tmp_path / "r"], tmp_path)
     assert proc.returncode == 2 and str(missing) in error_line(proc)
 
 
+@pytest.mark.slow
 def test_run_dir_with_another_config_is_refused_and_kept(tmp_path):
     run_dir = tmp_path / "r"
     assert run([*TINY, "--steps", "2", "--lr", "1e-3", "--run-dir", run_dir], tmp_path).returncode == 0
@@ -191,6 +198,7 @@ def test_run_dir_with_another_config_is_refused_and_kept(tmp_path):
     assert tree_digest(run_dir) == before             # nothing written, renamed or deleted
 
 
+@pytest.mark.slow
 def test_runaway_loss_is_skipped_then_aborts_without_saving(tmp_path):
     # lr 1e30: the first update is finite (about +-1e30 per weight, Adam's step is ~lr), after which the
     # network's output overflows, so every later step is non-finite and must be skipped.
@@ -206,6 +214,7 @@ def test_runaway_loss_is_skipped_then_aborts_without_saving(tmp_path):
 # ----------------------------------------------------------------------------------------------------
 # Checkpoints, resume, signals
 
+@pytest.mark.slow
 def test_smoke_run_and_checkpoint_format(tmp_path):
     run_dir = tmp_path / "r"
     proc = run([*TINY, "--steps", "6", "--ckpt-every", "2", "--class-cond", "--run-dir", run_dir], tmp_path)
@@ -251,6 +260,7 @@ def assert_same_training_state(a: dict, b: dict):
     assert a["data_state"] == b["data_state"]
 
 
+@pytest.mark.slow
 def test_resume_is_bit_identical(tmp_path, reference_run):
     # Stop after 3 steps; continue from that file (--resume) into a new folder; and, in the same folder,
     # by running the command again (automatic resume). Both must land on the uninterrupted run's state.
@@ -264,6 +274,7 @@ def test_resume_is_bit_identical(tmp_path, reference_run):
     assert_same_training_state(load(first / "ckpt_00000006.pt"), reference_run)
 
 
+@pytest.mark.slow
 def test_corrupt_newest_checkpoint_falls_back(tmp_path, reference_run):
     run_dir = tmp_path / "r"
     assert run([*RESUME, "--steps", "4", "--run-dir", run_dir], tmp_path).returncode == 0
@@ -278,6 +289,7 @@ def test_corrupt_newest_checkpoint_falls_back(tmp_path, reference_run):
     assert_same_training_state(load(run_dir / "ckpt_00000006.pt"), reference_run)
 
 
+@pytest.mark.slow
 def test_sigterm_saves_at_step_boundary_and_exits_0(tmp_path):
     run_dir = tmp_path / "r"
     args = [sys.executable, TRAIN, *TINY, "--steps", "100000", "--ckpt-every", "0", "--run-dir", str(run_dir)]
@@ -311,6 +323,7 @@ torch.save({{"model": model.state_dict(), "ema": ema.state_dict()}}, out)
 """
 
 
+@pytest.mark.slow
 def test_torchrun_two_ranks_end_identical(tmp_path):
     wrapper = tmp_path / "wrapper.py"
     wrapper.write_text(WRAPPER.format(repo=str(REPO), out=str(tmp_path)))
@@ -370,6 +383,7 @@ def test_fsdp_equals_ddp_resumes_exactly_and_samples(tmp_path):
     assert done.returncode == 0 and Image.open(out).size == (2 * 16 + 3 * 2,) * 2, done.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_fsdp_needs_several_processes(tmp_path):
     proc = run([*TINY, "--fsdp", "--run-dir", tmp_path / "r"], tmp_path)
     assert proc.returncode == 2 and "torchrun" in error_line(proc) and not (tmp_path / "r").exists()
@@ -387,6 +401,7 @@ def v_zero_loss(logsnr_fn_np, m2: float) -> float:
     return float(np.mean(alpha2**2 + alpha2 * (1 - alpha2) * m2))
 
 
+@pytest.mark.slow
 def test_it_learns(tmp_path):
     """300 steps of the tiny preset on built-in scenes must take the eps-loss below half of L0, its value
     at initialisation. L0 is derived in closed form (v_zero_loss; the U-Net's output conv is zero-
@@ -412,8 +427,8 @@ def test_it_learns(tmp_path):
     def logsnr_np(t):
         return -2 * np.log(np.tan(a + t * (b - a))) + 2 * math.log(64 / res)
 
-    scenes = scenes.Scenes(512, res)
-    x = torch.stack([scenes[i][0] for i in range(256)])                 # (256, 3, res, res)
+    dataset = scenes.Scenes(512, res)
+    x = torch.stack([dataset[i][0] for i in range(256)])                 # (256, 3, res, res)
     l0 = v_zero_loss(logsnr_np, float(x.square().mean()))
 
     # The eps-loss of a network on fixed draws: stratified t (one per image) and eps.
@@ -456,6 +471,7 @@ def test_ema_warmup_and_lr_in_closed_form():
     assert [train.lr_at(s, constant) for s in range(10)] == [1e-3] * 10
 
 
+@pytest.mark.slow
 def test_compile_failure_falls_back_to_eager(tmp_path, monkeypatch):
     # A machine where torch.compile cannot build kernels: the compiled callable raises on its first call.
     # The run must warn once, redo that step eagerly with the same draws, and end where --no-compile ends.
@@ -472,3 +488,21 @@ def test_compile_failure_falls_back_to_eager(tmp_path, monkeypatch):
     warnings = [m for m in messages if "torch.compile failed" in m]
     assert len(warnings) == 1 and "no C++ compiler" in warnings[0]
     torch.testing.assert_close(fallback.state_dict(), eager.state_dict(), rtol=0, atol=0)
+
+
+@pytest.mark.slow
+def test_memory_plan_cli(tmp_path):
+    """--plan allocates nothing and writes nothing; --json gives the documented keys; the preset's own
+    defaults fit 8 x 80 GB (the U-ViT rows turn activation checkpointing on for that); a bad preset is one
+    error line, exit 2. (memory.py's numbers are checked against measured peaks in tests/test_memory.py.)"""
+    proc = run(["--res", "256", "--model", "uvit", "--plan", "--json", "--run-dir", tmp_path / "r"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    plan = json.loads(proc.stdout)
+    for key in ("params_gb", "grads_gb", "optimizer_gb", "ema_gb", "activations_gb", "total_gb"):
+        assert isinstance(plan[key], float) and plan[key] > 0
+    assert plan["fits"] is True and plan["grad_checkpointing"] is True and not (tmp_path / "r").exists()
+    # The same preset without checkpointing does not fit: the row's choice is needed, not decoration.
+    eager = run(["--res", "256", "--model", "uvit", "--plan", "--json", "--no-grad-checkpointing"], tmp_path)
+    assert json.loads(eager.stdout)["fits"] is False
+    bad = run(["--plan", "--preset", "nope"], tmp_path)
+    assert bad.returncode == 2 and "not a unet preset" in error_line(bad)
