@@ -39,6 +39,7 @@ images; `pytest tests/test_data.py` for the tests.
 """
 import argparse
 import hashlib
+import json
 import math
 import os
 import sys
@@ -220,30 +221,39 @@ def check_batch(num_images: int, global_batch: int, source: str = "the dataset")
 
 
 def check_dataset(root, res: int, class_cond: bool = False, skip_bad: bool = False, min_images: int = 1,
-                  decode: bool = True, workers: int | None = None, progress: bool = False) -> dict:
-    """The pre-training pass (run it on rank 0, broadcast the dict). Finds the images, checks class
-    folders, decodes every file (decode=False: headers only, which misses truncated files), and
-    returns a summary of plain Python values:
+                  decode: bool = True, workers: int | None = None, progress: bool = False,
+                  share: tuple[int, int] = (0, 1), gather=None, cache=None) -> dict:
+    """The pre-training pass. Finds the images, checks class folders, decodes every file (decode=False:
+    headers only, which misses truncated files), and returns a summary of plain Python values:
         root, num_files, num_images (usable), bad_files (paths relative to root, skipped),
         class_names, class_counts, num_small, num_elongated, modes {mode: count}, warnings [str]
     Raises DataError for anything that would make training wrong; issues a DataWarning per warning.
-    Pass summary["bad_files"] to ImageFolder(..., bad_files=...) on every rank."""
+    Several processes split the decoding: share=(rank, world) decodes every world-th file and
+    gather(list) -> [list of each rank] collects the results, so every rank reaches the same verdict.
+    cache: a JSON file holding the summary, reused while the file list, sizes and times are unchanged."""
     root = Path(root)
     paths = find_images(root)
     class_index(root, paths, class_cond)  # structure errors before the slow part
+    key = _listing_key(root, paths, res, class_cond, skip_bad, decode)
+    if cache is not None and Path(cache).is_file() and json.loads(Path(cache).read_text()).get("key") == key:
+        summary = json.loads(Path(cache).read_text())["summary"]
+        for m in summary["warnings"]:
+            warnings.warn(m, DataWarning, stacklevel=2)
+        return summary
+    rank, world = share
+    mine = paths[rank::world]
+    bar = tqdm(total=len(mine), desc=f"checking {root}", unit="img", disable=not progress)
     results = []
-    bar = None
-    if progress:
-        from tqdm import tqdm
-        bar = tqdm(total=len(paths), desc=f"checking {root}", unit="img")
     with ThreadPoolExecutor(workers or min(8, os.cpu_count() or 1)) as pool:  # Pillow releases the GIL
-        for start in range(0, len(paths), 1024):
-            block = paths[start:start + 1024]
+        for start in range(0, len(mine), 1024):
+            block = mine[start:start + 1024]
             results += pool.map(lambda p: _inspect(p, res, decode), block)
-            if bar is not None:
-                bar.update(len(block))
-    if bar is not None:
-        bar.close()
+            bar.update(len(block))
+    bar.close()
+    if world > 1:   # interleave the ranks' shares back into the order of `paths`
+        parts, results = gather(results), [None] * len(paths)
+        for r, part in enumerate(parts):
+            results[r::world] = part
     bad = [(p, err) for p, (_, _, err) in zip(paths, results) if err is not None]
     if bad and not skip_bad:
         more = f" (and {len(bad) - 1} more unreadable files)" if len(bad) > 1 else ""
@@ -267,10 +277,23 @@ def check_dataset(root, res: int, class_cond: bool = False, skip_bad: bool = Fal
         warnings.warn(m, DataWarning, stacklevel=2)
     names, _, counts = class_index(root, [p for p, _, _ in good], class_cond)  # skipping may empty a class
     check_batch(len(good), min_images, f"{root}")
-    return {"root": str(root), "num_files": len(paths), "num_images": len(good),
+    summary = {"root": str(root), "num_files": len(paths), "num_images": len(good),
             "bad_files": [p.relative_to(root).as_posix() for p, _ in bad],
             "class_names": names, "class_counts": counts, "num_small": num_small,
             "num_elongated": num_elongated, "modes": modes, "warnings": msgs}
+    if cache is not None and rank == 0:
+        write_atomic(cache, lambda f: f.write(json.dumps({"key": key, "summary": summary}).encode()))
+    return summary
+
+
+def _listing_key(root: Path, paths, *settings) -> str:
+    """A digest of what the check depends on: each file's path, size and modification time, and the
+    settings; a changed, added or removed file gives another key."""
+    h = hashlib.sha256(repr(settings).encode())
+    for p in paths:
+        st = p.stat()
+        h.update(f"{p.relative_to(root).as_posix()}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
 
 
 class ImageFolder(torch.utils.data.Dataset):

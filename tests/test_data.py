@@ -300,3 +300,33 @@ def test_data_does_not_import_the_scenes_chapter():
     imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     imported |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
     assert "scenes" not in imported and "numpy" in imported  # the second: the walk does see imports
+
+
+def test_check_split_across_ranks_equals_one_process_and_is_cached(tmp_path, monkeypatch):
+    """Two ranks each decode half the files; with their results gathered (here by running both shares
+    in this process) every rank reaches the single-process verdict. The cached verdict is reused while
+    the listing is unchanged (no file is decoded again) and recomputed when a file changes."""
+    root = tmp_path / "imgs"
+    for i in range(5):
+        solid(root / f"ok{i}.png", colour=(10 * i, 0, 0), size=(8 + i, 8))
+    (root / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    with pytest.warns(DataWarning):
+        one = check_dataset(root, 16, skip_bad=True)
+    shares = {}
+    def gather(results):   # what all_gather_object returns: every rank's list, in rank order
+        return [shares[r] for r in range(2)]
+    import data
+    for rank in (1, 0):    # each rank's share, decoded as check_dataset decodes it
+        shares[rank] = [data._inspect(p, 16, True) for p in data.find_images(root)[rank::2]]
+    with pytest.warns(DataWarning):
+        split = check_dataset(root, 16, skip_bad=True, share=(0, 2), gather=gather)
+    assert split == one
+    cache = tmp_path / "check.json"
+    with pytest.warns(DataWarning):
+        assert check_dataset(root, 16, skip_bad=True, cache=cache) == one
+    monkeypatch.setattr(data, "_inspect", lambda *a: pytest.fail("decoded again despite the cache"))
+    with pytest.warns(DataWarning):
+        assert check_dataset(root, 16, skip_bad=True, cache=cache) == one
+    solid(root / "ok9.png", colour=(1, 2, 3))                          # the listing changes: recomputed
+    with pytest.raises(pytest.fail.Exception, match="decoded again"):
+        check_dataset(root, 16, skip_bad=True, cache=cache)

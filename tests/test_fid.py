@@ -13,7 +13,7 @@ deterministic random weights, or a cheap stand-in, since the real 95 MB file is 
   features; non-finite features are refused naming the images.
 - Stats files (round trip, features on request, pytorch-fid layout, atomic writes, metadata mismatch),
   and the CLI end to end in a subprocess: FID and KID against closed forms, exit code 2 for the bad
-  inputs of bad-inputs.md, 1 for failures (no network, disk full).
+  inputs, 1 for failures (no network, disk full).
 """
 import os
 import re

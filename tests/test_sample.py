@@ -14,6 +14,7 @@ sample.py against exact answers, never against its own output:
   torchrun giving each seed once and the same pixels, bad inputs) and in-process (--resume equals a
   fresh run, a full folder refused, --overwrite, class / guidance / resolution errors).
 """
+import dataclasses
 import math
 import os
 import subprocess
@@ -341,3 +342,24 @@ def test_cli_out_dir_resume_and_bad_inputs(tmp_path, capsys):
         argv = ["--ckpt", str(tmp_path / "uncond"), "--steps", "1", "--out", str(tmp_path / "u.png")] + args
         assert S.main(argv) == 2
         assert "unconditional" in capsys.readouterr().err
+
+
+def test_cli_samples_with_the_checkpoints_schedule(tmp_path, monkeypatch):
+    """The CLI must hand the sampler the schedule stored in the checkpoint: here a cosine one at 8 px, whose
+    logsnr is written out below (Eq. 4, clipped to +-15); the default shifted schedule would differ by
+    2 log(64/8)."""
+    import checkpoint
+    write_checkpoint(tmp_path / "run", 1)
+    path = tmp_path / "run" / "ckpt_00000001.pt"
+    ckpt = torch.load(path, weights_only=True)
+    ckpt["schedule"] = dataclasses.asdict(get_schedule("cosine", 8))
+    checkpoint.save_checkpoint(tmp_path / "run", ckpt)
+    seen = []
+    monkeypatch.setattr(S, "sample", lambda model, shape, logsnr_fn, *a, **k: seen.append(logsnr_fn) or
+                        torch.zeros(shape))
+    assert S.main(["--ckpt", str(tmp_path / "run"), "--num-images", "2", "--steps", "2",
+                   "--out", str(tmp_path / "g.png")]) == 0
+    t = torch.linspace(0.05, 0.95, 7, dtype=torch.float64)
+    lo, hi = math.atan(math.exp(-7.5)), math.atan(math.exp(7.5))
+    expected = -2 * torch.log(torch.tan(lo + t * (hi - lo)))
+    torch.testing.assert_close(seen[0](t), expected)

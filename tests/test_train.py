@@ -1,5 +1,5 @@
 """
-Tests for train.py: the CLI and presets, the error rows of bad-inputs.md that train.py owns, and the
+Tests for train.py: the CLI and presets, the bad inputs train.py must refuse, and the
 fault-tolerance promises, each checked by running the real command in a subprocess on tiny settings
 (the "tiny" U-Net at 16x16, a handful of steps, a few dozen built-in scenes).
 
@@ -506,3 +506,25 @@ def test_memory_plan_cli(tmp_path):
     assert json.loads(eager.stdout)["fits"] is False
     bad = run(["--plan", "--preset", "nope"], tmp_path)
     assert bad.returncode == 2 and "not a unet preset" in error_line(bad)
+
+
+@pytest.mark.slow
+def test_ema_and_learning_rate_reach_training(tmp_path):
+    """The EMA and the LR schedule as training applies them, against the docstring's formulas evaluated
+    here: ema_1 = b0 init + (1 - b0) theta_1, ema_2 = b1 ema_1 + (1 - b1) theta_2 with b_n = (1 + n)/(10 + n)
+    (below --ema-decay), and lr_n = lr min(1, (n + 1)/warmup, (N - n)/(f N)) in log.jsonl and in AdamW."""
+    args = [*TINY, "--steps", "2", "--ckpt-every", "1", "--warmup", "4", "--cooldown", "0.5", "--lr", "1e-3",
+            "--run-dir", tmp_path / "r"]
+    assert run(args, tmp_path).returncode == 0
+    c1, c2 = load(tmp_path / "r" / "ckpt_00000001.pt"), load(tmp_path / "r" / "ckpt_00000002.pt")
+    torch.manual_seed(0)                                                  # --seed: the initial weights
+    init = checkpoint.build_model("unet", c1["model_config"]).state_dict()
+    b0, b1 = 1 / 10, 2 / 11
+    for k in init:
+        torch.testing.assert_close(c1["ema"][k], b0 * init[k] + (1 - b0) * c1["model"][k])
+        torch.testing.assert_close(c2["ema"][k], b1 * c1["ema"][k] + (1 - b1) * c2["model"][k])
+    assert not torch.equal(c2["ema"]["head.2.weight"], c2["model"]["head.2.weight"])   # an average, not a copy
+    records = [json.loads(x) for x in (tmp_path / "r" / "log.jsonl").read_text().splitlines()]
+    expected = {1: 1e-3 * min(1, 1 / 4, 2 / 1), 2: 1e-3 * min(1, 2 / 4, 1 / 1)}   # record of step s: lr_{s-1}
+    assert {r["step"]: r["lr"] for r in records} == pytest.approx(expected, rel=1e-12)
+    assert [g["lr"] for g in c2["optimizer"]["param_groups"]] == pytest.approx([expected[2]], rel=1e-12)
