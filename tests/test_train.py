@@ -23,6 +23,8 @@ What is checked, and against what:
   leaves the previous checkpoint intact; EMA and warm-up against their closed forms.
 - it learns: see test_it_learns for the analytic threshold.
 """
+import contextlib
+import dataclasses
 import hashlib
 import json
 import math
@@ -379,7 +381,8 @@ def test_fsdp_equals_ddp_resumes_exactly_and_samples(tmp_path):
         torch.testing.assert_close(cross["model"][name], ddp["model"][name], rtol=1e-5, atol=1e-6)
     out = tmp_path / "grid.png"
     done = subprocess.run([sys.executable, str(REPO / "sample.py"), "--ckpt", str(tmp_path / "fsdp"), "--steps", "2",
-                           "--num-images", "4", "--out", str(out)], capture_output=True, text=True, env=ENV, timeout=120)
+                           "--num-images", "4", "--out", str(out)], capture_output=True, text=True, env=ENV,
+                          timeout=120)
     assert done.returncode == 0 and Image.open(out).size == (2 * 16 + 3 * 2,) * 2, done.stderr[-2000:]
 
 
@@ -528,3 +531,24 @@ def test_ema_and_learning_rate_reach_training(tmp_path):
     expected = {1: 1e-3 * min(1, 1 / 4, 2 / 1), 2: 1e-3 * min(1, 2 / 4, 1 / 1)}   # record of step s: lr_{s-1}
     assert {r["step"]: r["lr"] for r in records} == pytest.approx(expected, rel=1e-12)
     assert [g["lr"] for g in c2["optimizer"]["param_groups"]] == pytest.approx([expected[2]], rel=1e-12)
+
+
+def test_gradient_accumulation_equals_the_full_batch_gradient():
+    """Two micro-batches of 4 accumulated by forward_backward give the gradient of one batch of 8 with the
+    same images, t and eps (the loss is a mean, so each half carries weight 1/2), to float rounding."""
+    torch.manual_seed(0)
+    cfg = train.resolve_config(["--res", "16", "--grad-accum", "2", "--weighting", "eps"])
+    net = checkpoint.build_model("unet", dataclasses.asdict(train.model_config(cfg, num_classes=0)))
+    for p in net.parameters():   # leave the zero initialisation, so every parameter gets a gradient
+        p.data.add_(0.02 * torch.randn_like(p))
+    gen = torch.Generator().manual_seed(1)
+    x = torch.rand(8, 3, 16, 16, generator=gen) * 2 - 1                          # (B, C, H, W)
+    t, eps = torch.rand(8, generator=gen), torch.randn(8, 3, 16, 16, generator=gen)
+    schedule = train.get_schedule("shifted", 16)
+    grads = []
+    for micro in ([(x, None, t, eps)], [(x[:4], None, t[:4], eps[:4]), (x[4:], None, t[4:], eps[4:])]):
+        net.zero_grad()
+        train.forward_backward(net, micro, schedule, cfg, contextlib.nullcontext())
+        grads.append([p.grad.clone() for p in net.parameters()])
+    for full, accumulated in zip(*grads):
+        torch.testing.assert_close(accumulated, full, rtol=1e-4, atol=1e-7)
