@@ -429,7 +429,7 @@ class UNet(nn.Module):
             h = run_block(block, h, emb, self.config.grad_checkpointing)
         for level in reversed(self.levels):
             h = level.decode(h, emb, saved)                      # back up to (B, C0, res/f, res/f)
-        return self.stem.inverse(self.head(h))                  # (B, C, res, res)
+        return self.stem.inverse(self.head(h).float())          # (B, C, res, res); fp32 under autocast
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -198,7 +198,7 @@ class UViT(nn.Module):
         h = x.transpose(1, 2).reshape(B, D, G, G)                # (B, D, grid, grid)
         for level in reversed(self.levels):
             h = level.decode(h, emb, saved)                      # back up to (B, C0, res/f, res/f)
-        return self.stem.inverse(self.head(h))                  # (B, C, res, res)
+        return self.stem.inverse(self.head(h).float())          # (B, C, res, res); fp32 under autocast
 
 
 # ----------------------------------------------------------------------------------------------------

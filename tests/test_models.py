@@ -292,3 +292,18 @@ def test_attention_is_token_permutation_equivariant(which):
     # Identical output tokens would pass any permutation: make sure they differ.
     assert (out - out.mean(axis, keepdim=True)).abs().max() > 1e-3
     torch.testing.assert_close(run(tokens.index_select(axis, perm)), out.index_select(axis, perm))
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_inverse_wavelet_runs_in_fp32_under_bf16_autocast(name, seeded):
+    """Under bf16 autocast the head's output is cast to fp32 before the (exact) inverse wavelet: the model
+    returns fp32, and that output equals the inverse transform applied to the fp32 cast of the head's
+    bf16 output (computed here through a hook)."""
+    model_cls, preset_config, _ = MODELS[name]
+    model = randomize_zero_params(model_cls(preset_config("small", res=64, stem="wavelet", stem_factor=4)))
+    heads = []
+    model.head.register_forward_hook(lambda mod, args, out: heads.append(out))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        v_pred = model(torch.randn(2, 3, 64, 64), torch.zeros(2))
+    assert heads[0].dtype == torch.bfloat16 and v_pred.dtype == torch.float32
+    torch.testing.assert_close(v_pred, model.stem.inverse(heads[0].float()), rtol=0, atol=0)
