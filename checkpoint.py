@@ -20,8 +20,9 @@ The keys (train.py's `training_state`):
 
 Distributed runs: weights and optimizer state are saved unsharded (torch.distributed.checkpoint's
 full state dicts gathered to rank 0), so one file serves a single process, DDP and FSDP alike, and a run
-may resume under another of them. Rank 0 alone decides which file to resume from and broadcasts the path, so every rank
-starts at the same step even if one of them could not read the newest file; rank 0 alone writes.
+may resume under another of them. Rank 0 alone decides which file to resume from and broadcasts the path,
+so every rank starts at the same step even if one of them could not read the newest file; rank 0 alone
+writes.
 Files are opened with `mmap=True`: a process touches only the tensors it uses (sample.py reads the EMA,
 not the optimizer state), and N ranks on one node share the page cache instead of N private copies.
 
@@ -32,13 +33,12 @@ compiled wrapper by other code still loads strictly.
 
 Run: nothing to run; `pytest tests/test_checkpoint.py` for the tests.
 """
-import dataclasses
 import json
 import re
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
@@ -141,22 +141,21 @@ def _load_one(path: Path, map_location) -> dict:
     return ckpt
 
 
-def newest_loadable(path_or_dir) -> Path:
-    """The file that load_checkpoint would read: a file as given, a folder's newest checkpoint that loads
-    (each unreadable newer file is reported on stderr and skipped)."""
+def newest_loadable(path_or_dir, map_location="cpu") -> tuple[Path, dict]:
+    """(file, its checkpoint dict): a file as given, or a folder's newest checkpoint that loads (each
+    unreadable newer file is reported on stderr and skipped)."""
     path = Path(path_or_dir)
     if not path.is_dir():
         if not path.exists():
             raise CheckpointError(f"{path}: no such checkpoint file or run folder")
-        return path
+        return path, _load_one(path, map_location)
     ckpts = find_checkpoints(path)
     if not ckpts:
         raise CheckpointError(f"{path}: no checkpoints (ckpt_<step>.pt) in this folder; "
                               f"train one with `python train.py --run-dir {path}` or pass a checkpoint file")
     for p in ckpts:
         try:
-            _load_one(p, "cpu")   # memory-mapped: reads the file's index, not its tensors
-            return p
+            return p, _load_one(p, map_location)   # memory-mapped: the tensors are read when used
         except CheckpointError as e:
             print(f"warning: skipping {e}", file=sys.stderr)
     raise CheckpointError(f"{path}: none of the {len(ckpts)} checkpoints loads (see the warnings above)")
@@ -164,18 +163,18 @@ def newest_loadable(path_or_dir) -> Path:
 
 def load_checkpoint(path_or_dir, map_location="cpu") -> dict:
     """Load a checkpoint dict from a file, or a folder's newest loadable one. Under torchrun rank 0
-    chooses the file and every rank loads that one. An explicit file that is missing or corrupt is an
+    chooses the file and the other ranks load that one. An explicit file that is missing or corrupt is an
     error, because the user asked for exactly that file."""
-    choice = None
+    choice, ckpt = None, None
     if not is_dist() or dist.get_rank() == 0:
         try:
-            choice = newest_loadable(path_or_dir)
+            choice, ckpt = newest_loadable(path_or_dir, map_location)
         except CheckpointError as e:
             choice = e
     choice = broadcast_object(choice)
     if isinstance(choice, CheckpointError):
         raise CheckpointError(str(choice))
-    return _load_one(choice, map_location)
+    return ckpt if ckpt is not None else _load_one(choice, map_location)
 
 
 def strip_prefixes(state_dict: dict) -> dict:
@@ -197,7 +196,7 @@ def build_model(model_name: str, model_config: dict) -> torch.nn.Module:
     if model_name not in MODELS:
         raise CheckpointError(f"unknown model_name {model_name!r} in checkpoint; known: {', '.join(MODELS)}")
     model_cls, config_cls = MODELS[model_name]
-    unknown = sorted(set(model_config) - {f.name for f in dataclasses.fields(config_cls)})
+    unknown = sorted(set(model_config) - {f.name for f in fields(config_cls)})
     if unknown:
         raise CheckpointError(f"checkpoint model_config has fields {unknown} that {config_cls.__name__} does "
                               f"not know; was it written by another version of {model_name}.py?")
@@ -351,12 +350,12 @@ def checkpoint_to_resume(cfg, runtime_fields=()) -> tuple[dict | None, str | Non
     diff = config_diff(ckpt["config"], asdict(cfg), ignore=runtime_fields)
     if diff:
         raise CheckpointError(f"{src} holds a checkpoint (step {ckpt['step']}) of a different run: {'; '.join(diff)}. "
-                          f"Rerun with the same flags to resume, or choose another --run-dir (nothing was "
-                          f"changed or deleted)")
+                              f"Rerun with the same flags to resume, or choose another --run-dir (nothing was "
+                              f"changed or deleted)")
     newer = [p for p in found if checkpoint_step(p) > ckpt["step"]]
     if newer and cfg.resume:
         raise CheckpointError(f"{cfg.run_dir} already holds {newer[0].name}, newer than --resume {cfg.resume} "
-                          f"(step {ckpt['step']}); pick another --run-dir so that nothing is overwritten")
+                              f"(step {ckpt['step']}); pick another --run-dir so that nothing is overwritten")
     return ckpt, src
 
 
@@ -366,7 +365,7 @@ def resume(ckpt: dict, src: str, model, ema, optimizer, streams: RandomStreams, 
     diff = config_diff(ckpt["model_config"], asdict(model.config), "model_config.", ("grad_checkpointing",))
     if diff:
         raise CheckpointError(f"{src}: the checkpoint's network differs from this run's: {'; '.join(diff)}; "
-                          f"choose another --run-dir")
+                              f"choose another --run-dir")
     restore_training_state(ckpt, model, ema, optimizer)
     saved = ckpt["data_state"]
     pos = Position(ckpt["step"], saved["epoch"], saved["batch"])
@@ -412,10 +411,10 @@ def training_state(*, step: int, model_name: str, model, ema, optimizer, schedul
     torchrun: the weights and optimizer state are gathered as full (unsharded) tensors on rank 0's CPU,
     so a checkpoint has one layout whether DDP, FSDP or a single process wrote it; the other ranks get
     empty dicts. `model` and `ema` are raw modules; config dataclasses become plain dicts."""
-    return {"step": step, "model_name": model_name, "model_config": dataclasses.asdict(model.config),
+    return {"step": step, "model_name": model_name, "model_config": asdict(model.config),
             "model": get_model_state_dict(model, options=FULL), "ema": get_model_state_dict(ema, options=FULL),
             "optimizer": get_optimizer_state_dict(model, optimizer, options=FULL),
-            "schedule": dataclasses.asdict(schedule), "config": dataclasses.asdict(config),
+            "schedule": asdict(schedule), "config": asdict(config),
             "class_names": class_names, "data_state": data_state, "rng_state": rng_state}
 
 
@@ -432,15 +431,15 @@ def restore_training_state(ckpt: dict, model, ema, optimizer) -> None:
 
 
 def save_training(cfg, pos: Position, model, ema, optimizer, streams: RandomStreams, schedule,
-         class_names, num_images: int, writer: BackgroundWriter, log, wait: bool = False) -> None:
+                  class_names, num_images: int, writer: BackgroundWriter, log, wait: bool = False) -> None:
     """Collective: every rank contributes its random states; rank 0 checks the weights and hands a copy
     to the background writer (wait=True: until the file is in place). If a write fails, every rank stops
     (exit 1) at this or the next save, with the previous checkpoint intact."""
     rngs, error = gather_objects(streams.state()), None
     state = training_state(   # collective: full tensors gathered to rank 0
         step=pos.step, model_name=cfg.model, model=model, ema=ema, optimizer=optimizer, schedule=schedule,
-        config=cfg, class_names=class_names, data_state={"epoch": pos.epoch, "batch": pos.batch, "num_images":
-                                                         num_images},
+        config=cfg, class_names=class_names,
+        data_state={"epoch": pos.epoch, "batch": pos.batch, "num_images": num_images},
         rng_state={"world_size": len(rngs), "device": streams.device.type,
                    **{k: [r[k] for r in rngs] for k in rngs[0]}})
     if not is_dist() or dist.get_rank() == 0:

@@ -437,7 +437,6 @@ class ShardSampler:
             epoch, batch = epoch + 1, 0
 
 
-
 # ----------------------------------------------------------------------------------------------------
 # What every script shares: atomic files, config dataclasses as command lines, one set of exit codes.
 # They live here because data.py is the lowest file that train, sample, fid and bench all import.

@@ -34,7 +34,6 @@ from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 
-
 def setup_distributed(device: str = "", timeout_minutes: float = 30) -> tuple[int, int, torch.device]:
     """(rank, world size, device). Under torchrun (RANK set) join the process group: NCCL on GPUs,
     gloo on CPU, with an explicit timeout, long because rank 0 alone draws sample grids and writes

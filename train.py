@@ -275,10 +275,8 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.lr * min(1.0, up, down)
 
 
-
-
 # ----------------------------------------------------------------------------------------------------
-# The run folder: resuming, checkpoints, sample grids, the log
+# Sample grids during training
 
 def sample_grid(cfg: TrainConfig, step: int, ema, schedule, num_classes: int, autocast, records, log) -> None:
     """EMA samples from the fixed seeds 0..num_samples-1 (class seed % num_classes, guided), and the loss

@@ -287,8 +287,8 @@ class Level(nn.Module):
         up_in = channels if residual else 2 * channels
         self.down_blocks = nn.ModuleList(ResBlock(channels, channels, **block) for _ in range(num_blocks))
         self.up_blocks = nn.ModuleList(ResBlock(up_in, channels, **block) for _ in range(num_blocks))
-        self.down = None if next_channels is None else nn.Conv2d(channels, next_channels, 1, bias=False)  # lowest level:
-        self.up = None if next_channels is None else nn.Conv2d(next_channels, channels, 1, bias=False)  # None; up(0) = 0
+        self.down = None if next_channels is None else nn.Conv2d(channels, next_channels, 1, bias=False)
+        self.up = None if next_channels is None else nn.Conv2d(next_channels, channels, 1, bias=False)   # up(0) = 0
 
     def encode(self, h: torch.Tensor, emb: torch.Tensor, saved: list) -> torch.Tensor:
         for block in self.down_blocks:
