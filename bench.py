@@ -26,6 +26,8 @@ and for the whole run, so a shared row shows itself):
     compile    eager vs torch.compile for the default preset, and a first run's compile time (empty
                inductor cache; not with --quick)
     ckpt       activation memory with and without activation checkpointing, U-ViT at 128x128
+    save       how long a checkpoint write holds training up: the blocking part of checkpoint.BackgroundWriter
+               (the CPU snapshot) against a synchronous save of the same state (weights, EMA, 2 AdamW moments)
     sample     ms per sampler step, images/s, and the sampler's overhead over bare model forwards
     fid        Inception feature extraction images/s (random weights: speed does not depend on them)
                and the time of the FID trace term at d = 2048
@@ -62,7 +64,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import fid
 import inception
 from losses import diffusion_loss
-from checkpoint import build_model
+from checkpoint import BackgroundWriter, build_model, save_checkpoint
 from data import add_config_flags, config_from_args, flag
 from sample import sample
 from schedules import get_schedule
@@ -276,6 +278,26 @@ def bench_checkpointing(name, preset, res, batch, min_reps: int) -> dict:
     return out
 
 
+def bench_save(params: int = 50_000_000) -> dict:
+    """Seconds a checkpoint of `params` fp32 parameters (x4: weights, EMA, two AdamW moments) costs the
+    training loop: synchronous save_checkpoint vs BackgroundWriter.submit (what blocks: the snapshot), and
+    the background write that follows. Written to a temporary folder on this machine's disk."""
+    torch.manual_seed(0)
+    tensors = {f"w{i}": torch.randn(params // 10) for i in range(10)}
+    state = {"step": 1, "model": tensors, "ema": {k: v.clone() for k, v in tensors.items()},
+             "optimizer": {"exp_avg": {k: v.clone() for k, v in tensors.items()},
+                           "exp_avg_sq": {k: v.clone() for k, v in tensors.items()}}}
+    with tempfile.TemporaryDirectory() as d:
+        sync = once(lambda: save_checkpoint(d, state, keep=1))
+        writer = BackgroundWriter()
+        first = once(lambda: writer.submit(d, {**state, "step": 2}, keep=1))      # allocates its buffers
+        writer.wait()
+        blocking = once(lambda: writer.submit(d, {**state, "step": 3}, keep=1))   # every later save
+        background = once(writer.wait)
+    return dict(gb=16 * params / 1e9, sync_s=sync, first_blocking_s=first, blocking_s=blocking,
+                background_s=background, blocking_fraction=blocking / sync)
+
+
 def bench_sample(name, preset, res, batch, steps, min_reps, seconds) -> dict:
     """The sampler (ancestral steps, per-image noise generators) vs `steps` bare forward passes of the
     model on the same batch. The two alternate, and the overhead is the median ratio of neighbours, so
@@ -414,6 +436,12 @@ def main(argv=None):
               f"({k['activation_reduction']:.1f}x less), step peak {k['plain']['step_peak_mb']:.0f} -> "
               f"{k['checkpointed']['step_peak_mb']:.0f} MB ({k['peak_reduction']:.1f}x less), step time "
               f"x{k['time_ratio']:.2f}", flush=True)
+
+        w = results["save"] = bench_save()
+        print(f"checkpoint save ({w['gb']:.1f} GB): synchronous {w['sync_s']:.2f} s; background writer blocks "
+              f"training {w['blocking_s']:.2f} s ({100 * w['blocking_fraction']:.0f}%; the first save "
+              f"{w['first_blocking_s']:.2f} s), then writes for "
+              f"{w['background_s']:.2f} s beside it", flush=True)
 
     s = results["sample"] = bench_sample(*cases[0][:3], 16, 8 if quick else 32, min_reps, seconds)
     print(f"sampling ({where}, batch {s['batch']}, {s['steps']} steps): {s['ms_per_step']:.1f} ms/step, "

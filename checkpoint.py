@@ -43,7 +43,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from torch.utils._pytree import tree_map
+from torch.utils._pytree import tree_flatten, tree_unflatten
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
                                                      set_model_state_dict, set_optimizer_state_dict)
 
@@ -97,17 +97,26 @@ def save_checkpoint(run_dir, state: dict, keep: int = 2) -> Path:
 
 class BackgroundWriter:
     """save_checkpoint on a thread, so that training goes on while a multi-GB file is written: submit()
-    waits for the previous write, snapshots the state (a CPU copy of every tensor, so the next optimizer
-    steps cannot change what is being written) and returns; wait() blocks until the file is in place.
-    A failed write is raised by the next submit() or wait(), with the previous checkpoint intact."""
+    waits for the previous write, snapshots the state (copy=True, for tensors that alias live weights as on
+    a CPU; on CUDA the gathered state is already a fresh host copy) and returns; wait() blocks until the
+    file is in place. The snapshot reuses host buffers from one save to the next: touching freshly
+    allocated pages costs more than the copy itself. A failed write is raised by the next submit() or
+    wait(), with the previous checkpoint intact."""
 
     def __init__(self):
-        self.thread, self.error = None, None
+        self.thread, self.error, self.buffers = None, None, []
+
+    def snapshot(self, state: dict) -> dict:
+        leaves, spec = tree_flatten(state)
+        tensors = [v for v in leaves if isinstance(v, torch.Tensor)]
+        if [(t.shape, t.dtype) for t in tensors] != [(b.shape, b.dtype) for b in self.buffers]:
+            self.buffers = [torch.empty(t.shape, dtype=t.dtype) for t in tensors]
+        copies = iter(self.buffers)
+        return tree_unflatten([next(copies).copy_(v) if isinstance(v, torch.Tensor) else v for v in leaves], spec)
 
     def submit(self, run_dir, state: dict, keep: int = 2, copy: bool = True) -> None:
         self.wait()
-        if copy:   # tensors that alias live weights (CPU training) are cloned; CUDA ones are fresh copies
-            state = tree_map(lambda v: v.detach().clone() if isinstance(v, torch.Tensor) else v, state)
+        state = self.snapshot(state) if copy else state
         self.thread = threading.Thread(target=self._write, args=(run_dir, state, keep), daemon=False)
         self.thread.start()
 
@@ -264,11 +273,12 @@ class Position:
 
 class RandomStreams:
     """Every random draw of training, per rank, from a generator whose state is checkpointed: t, eps and
-    label dropout (`noise`, on the device), flips (`flip`, CPU), network dropout (torch's global RNG)."""
+    label dropout (`noise`) and flips (`flip`), both on the device so that no draw waits on the host;
+    network dropout (torch's global RNG)."""
 
     def __init__(self, seed: int, rank: int, device: torch.device):
         self.seed, self.rank, self.device = seed, rank, device
-        self.noise, self.flip = torch.Generator(device), torch.Generator()
+        self.noise, self.flip = torch.Generator(device), torch.Generator(device)
         self.reseed()
 
     def reseed(self, *extra) -> None:
@@ -278,7 +288,7 @@ class RandomStreams:
 
     def state(self) -> dict:
         cuda = self.device.type == "cuda"
-        return {"noise": self.noise.get_state().cpu(), "flip": self.flip.get_state(),
+        return {"noise": self.noise.get_state().cpu(), "flip": self.flip.get_state().cpu(),
                 "torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(self.device) if cuda else None}
 
     def restore(self, saved: dict, step: int, log) -> None:
@@ -297,21 +307,23 @@ class RandomStreams:
 
 
 class Meter:
-    """Loss and gradient norm summed on the device between log lines (no per-step host sync), then
-    averaged over steps and ranks in one all-reduce; writes a log line and a log.jsonl record."""
+    """Loss and gradient norm of the finite steps summed on the device between log lines (no per-step host
+    sync), then averaged over steps and ranks in one all-reduce; writes a log line and a log.jsonl record."""
 
     def __init__(self, device):
-        self.sums, self.count, self.t0 = torch.zeros(2, device=device), 0, time.time()
+        self.sums, self.count, self.t0 = torch.zeros(3, device=device), 0, time.time()
 
-    def add(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
-        self.sums += torch.stack([loss, grad_norm.float()])
+    def add(self, loss: torch.Tensor, grad_norm: torch.Tensor, bad: torch.Tensor) -> None:
+        """bad: 1.0 if the step was skipped as non-finite; it then adds nothing but the step to the clock."""
+        values = torch.stack([loss.float(), grad_norm.float(), torch.ones_like(bad)])
+        self.sums += torch.where(bad > 0, torch.zeros_like(values), values)   # (loss, grad, finite steps)
         self.count += 1
 
     def flush(self, cfg, pos: Position, lr: float, records: list, log, pbar) -> None:
         sums = all_reduce(self.sums.clone())                         # the one sync of a logging step
-        world = dist.get_world_size() if is_dist() else 1
-        loss, gnorm = (sums / (world * max(self.count, 1))).tolist()
-        if records is not None and self.count:                       # rank 0 keeps the records
+        loss, gnorm, finite = sums.tolist()                          # every rank saw the same finite steps
+        loss, gnorm = loss / max(finite, 1), gnorm / max(finite, 1)
+        if records is not None and finite:                           # rank 0 keeps the records
             r = {"step": pos.step, "loss": loss, "lr": lr, "grad_norm": gnorm, "epoch": pos.epoch,
                  "img_per_s": round(cfg.batch_size * self.count / (time.time() - self.t0), 1),
                  "mem_gb": round(peak_memory_gb(self.sums.device), 3), "time": round(time.time(), 1)}

@@ -13,7 +13,8 @@ every rank takes the same optimizer step: the result equals one process training
           Memory per GPU for the state falls by N; each unit's weights cross the network three times
           per step instead of the gradients once.
 Everything else a rank must agree on -- which checkpoint to resume, whether a step was non-finite,
-whether someone pressed Ctrl-C -- is decided by a small collective, so ranks never diverge or hang.
+whether someone pressed Ctrl-C -- is decided by a small collective, so ranks never diverge or hang;
+the per-step ones are read one step late (LaggedFlags), so the GPU never waits for the host.
 
 Symbols: N -> world size, r -> rank.  Choices: NCCL on GPUs and gloo on CPUs (the tests run FSDP with
 gloo on CPU); a 30-minute timeout, because rank 0 alone writes checkpoints while others wait; bf16
@@ -117,12 +118,41 @@ def wrap_model(model, use_compile: bool, device: torch.device):
     return DDP(net, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True)
 
 
-def agree_on_step(loss: torch.Tensor, grad_norm: torch.Tensor, stop: "StopFlag") -> tuple[bool, bool]:
-    """(skip this step, stop after it), decided alike on every rank with one tiny all-reduce: skip if any
-    rank saw a non-finite loss or gradient, stop if any rank was signalled."""
-    flags = torch.stack([~(loss.isfinite() & grad_norm.isfinite()), torch.tensor(stop.requested, device=loss.device)])
-    bad, stopping = all_reduce(flags.float(), dist.ReduceOp.MAX if is_dist() else None).tolist()
-    return bool(bad), bool(stopping)
+def step_flags(loss: torch.Tensor, grad_norm: torch.Tensor, stop: "StopFlag") -> torch.Tensor:
+    """[non-finite, signalled] of this step as a (2,) float tensor on the device, agreed by one tiny
+    all-reduce (MAX): 1 if any rank saw a non-finite loss or gradient / was signalled. Nothing here waits
+    for the device: the flag of the signal is a fill, not a copy from the host."""
+    signalled = torch.full((), float(stop.requested), device=loss.device)
+    flags = torch.stack([(~(loss.isfinite() & grad_norm.isfinite())).float(), signalled])
+    return all_reduce(flags, dist.ReduceOp.MAX if is_dist() else None)
+
+
+class LaggedFlags:
+    """Step flags read one step late, so the host never waits for the GPU inside the loop: the device copies
+    step n's flags into (pinned) host memory behind step n's work, and the host reads them after it has
+    queued step n + 1, when they have long arrived. On a CPU the same code reads them at once."""
+
+    def __init__(self, device: torch.device):
+        cuda = device.type == "cuda"
+        self.host = torch.zeros(2, pin_memory=cuda)
+        self.event = torch.cuda.Event() if cuda else None
+        self.step = None                              # the step whose flags are in flight
+
+    def push(self, flags: torch.Tensor, step: int) -> None:
+        self.host.copy_(flags, non_blocking=True)
+        if self.event is not None:
+            self.event.record()
+        self.step = step
+
+    def pop(self) -> tuple[int | None, bool, bool]:
+        """(step, non-finite, signalled) of the step pushed last, or (None, False, False) if none is."""
+        if self.step is None:
+            return None, False, False
+        if self.event is not None:
+            self.event.synchronize()                  # step n's copy, queued before step n + 1's work
+        bad, signalled = self.host.tolist()
+        step, self.step = self.step, None
+        return step, bool(bad), bool(signalled)
 
 
 class StopFlag:
@@ -138,7 +168,7 @@ class StopFlag:
         if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.requested = True
-        print(f"\n{signal.Signals(signum).name}: saving a checkpoint at the end of this step, then exiting "
+        print(f"\n{signal.Signals(signum).name}: saving a checkpoint after the next step, then exiting "
               f"(Ctrl-C again aborts without saving)", file=sys.stderr, flush=True)
 
 

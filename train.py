@@ -54,7 +54,7 @@ import losses
 import memory
 from checkpoint import (MODELS, BackgroundWriter, Meter, Position, RandomStreams, TrainingAborted, checkpoint_to_resume,
                         prepare_run_dir, resume, save_training)
-from distributed import (StopFlag, agree_on_step, clip_gradients, gather_objects,
+from distributed import (LaggedFlags, StopFlag, step_flags, clip_gradients, gather_objects,
                          gradient_sync, ignore_sigint, is_dist, local, setup_distributed, shard_model, wrap_model)
 from data import flag
 from sample import sample
@@ -367,7 +367,7 @@ def train(argv=None):
     # logsnr(t) for this resolution: Eq. 5's shift 2 log(noise_d / res) by default (schedules.py).
     schedule = get_schedule(cfg.schedule, cfg.res, noise_d=cfg.noise_d)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, cfg.beta2),
-                                  weight_decay=cfg.weight_decay, **({"fused": True} if cuda else {}))
+                                  weight_decay=cfg.weight_decay, fused=True)   # fused: skips on device
 
     # 5. Resume, or start fresh; then the run folder (rank 0). ----------------------------------------
     # Resumed: the checkpoint's random streams and data position; fresh: seeded from (--seed, purpose, rank).
@@ -396,6 +396,7 @@ def train(argv=None):
     # theta is trained, theta_ema only averaged; both stay raw modules (no wrapper prefixes in their keys).
     model.train()
     start, last_saved, bad_steps, meter, writer = pos.step, pos.step, 0, Meter(device), BackgroundWriter()
+    lagged = LaggedFlags(device)
     pbar = tqdm(total=cfg.steps, initial=pos.step, disable=rank != 0, unit="step", dynamic_ncols=True)
     while pos.step < cfg.steps:
         # lr_n: the warm-up-stable-decay schedule of the module docstring, set on AdamW every step.
@@ -413,21 +414,23 @@ def train(argv=None):
             loss = forward_backward(train_model, micro, schedule, cfg, autocast)   # the same draws again
         # Gradients are averaged over ranks by now; clipping by the global norm scales every rank's alike.
         grad_norm = clip_gradients(model, cfg.grad_clip)
-        # One tiny all-reduce decides for all ranks: a non-finite step is skipped everywhere (AdamW never
-        # sees it), and a signal on any rank stops every rank at this step boundary.
-        bad, stopping = agree_on_step(loss, grad_norm, stop)
-        if bad:
-            bad_steps = skip_step(bad_steps + 1, pos.step, log)
-        else:
-            # theta <- AdamW step; theta_ema <- lerp towards theta (a short warm-up of the decay first).
-            optimizer.step()
-            ema_update(ema, model, ema_decay_at(pos.step, cfg.ema_decay))
-            bad_steps = 0
-            meter.add(loss, grad_norm)
+        # One tiny all-reduce agrees for all ranks, on the device: was the step non-finite anywhere, was any
+        # rank signalled? The fused AdamW skips a non-finite step itself (found_inf, as GradScaler uses it).
+        flags = step_flags(loss, grad_norm, stop)
+        optimizer.found_inf = flags[0]
+        # theta <- AdamW step (unless skipped); theta_ema <- lerp towards theta (decay warm-up first).
+        optimizer.step()
+        ema_update(ema, model, ema_decay_at(pos.step, cfg.ema_decay))
+        meter.add(loss, grad_norm, flags[0])
         # The step is spent even when skipped: its batch is used up, so data order never depends on luck.
         optimizer.zero_grad(set_to_none=world == 1)   # under DDP the gradients are views of its buckets
         pos.advance(n // cfg.batch_size)
         pbar.update(1)
+        # The host learns the previous step's flags only now (no wait): warn or give up on non-finite steps;
+        # a signal stops every rank after this step, one step after it arrived.
+        prev_step, bad, stopping = lagged.pop()
+        lagged.push(flags, pos.step)
+        bad_steps = skip_step(bad_steps + 1, prev_step, log) if bad else 0
 
         # Logging, checkpoints and grids happen between steps, so none of them changes what is trained.
         if pos.step % cfg.log_every == 0 or pos.step == cfg.steps or stopping:
@@ -447,6 +450,8 @@ def train(argv=None):
 
     # 8. Final save (a finished run started again arrives here at once: raise --steps to go on). -------
     pbar.close()
+    if (last := lagged.pop())[1]:     # the last step's flags: a skipped step changed nothing, but say so
+        log(f"warning: step {last[0]}: non-finite loss or gradient; step skipped")
     if last_saved != pos.step:
         save_training(cfg, pos, model, ema, optimizer, streams, schedule, class_names, n, writer, log, wait=True)
     log(f"done: step {pos.step} of {cfg.steps} ({pos.step - start} trained now); checkpoints, log.jsonl, "
