@@ -18,10 +18,13 @@ What is checked, and against what:
   bit (model, EMA, optimizer), across epoch boundaries, with grad accumulation, flips, label dropout;
   the same after a corrupt newest checkpoint (fallback to the previous one, file kept as .corrupt).
 - SIGTERM: checkpoint at the step boundary, exit 0, and the same command resumes from it.
-- torchrun --nproc_per_node=2 (gloo): both ranks end with identical weights, equal to the checkpoint.
+- torchrun --nproc_per_node=2 (gloo): both ranks end with identical weights, equal to the checkpoint; each
+  rank's DDP gradient of half a batch equals one process's gradient of the whole batch (so does gradient
+  accumulation); FSDP2 equals DDP.
+- a non-finite step is skipped on the device: weights and AdamW state unchanged, reported a step later.
 - a torch.compile failure falls back to the eager forward with one warning; a failed save (disk full)
   leaves the previous checkpoint intact; EMA and warm-up against their closed forms.
-- it learns: see test_it_learns for the analytic threshold.
+- it learns (sigmoid and eps objectives): see test_it_learns for the closed-form and Wiener references.
 """
 import contextlib
 import dataclasses
@@ -488,6 +491,25 @@ def test_it_learns(tmp_path, weighting):
     assert abs(net_loss(fresh) - l0) < 0.03 * l0           # the closed form describes the untrained net
     assert l_scalar < 0.9 * l0 and wiener < l_scalar       # the references are ordered as theory says
     assert net_loss(trained) < l_scalar and net_loss(trained) < 1.25 * wiener
+
+
+@pytest.mark.slow
+def test_a_skipped_step_changes_nothing(tmp_path):
+    """The skip happens on the device (fused AdamW's found_inf) and the host hears of it a step later: with
+    lr 1e30 step 1 is finite and steps 2 and 3 are not, so the checkpoints of steps 2 and 3 must hold the
+    same finite weights and AdamW state, AdamW must have counted one update, and both skipped steps are
+    reported (the last one after the loop)."""
+    run_dir = tmp_path / "r"
+    proc = run([*TINY, "--steps", "3", "--lr", "1e30", "--warmup", "0", "--ckpt-every", "1", "--run-dir", run_dir],
+               tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stderr.count("step skipped") == 2 and "step 2:" in proc.stderr and "step 3:" in proc.stderr
+    c2, c3 = load(run_dir / "ckpt_00000002.pt"), load(run_dir / "ckpt_00000003.pt")
+    assert all(v.isfinite().all() for v in c3["model"].values())
+    assert same_tensors(c2["model"], c3["model"])
+    s2, s3 = c2["optimizer"]["state"], c3["optimizer"]["state"]
+    assert all(same_tensors(s2[k], s3[k]) for k in s2)                  # step counts and both moments
+    assert {float(v["step"]) for v in s3.values()} == {1.0}             # only step 1 was taken
 
 
 # ----------------------------------------------------------------------------------------------------
