@@ -19,12 +19,16 @@ Studies, and the claims they test:
               arm. Schedule: shifted.
   resolution  Sec. 3.1's premise: with the shifted schedule the same recipe works at 32, 64 and 128 px
               (FIDs at different resolutions are each against real scenes at that resolution).
+  demo        no claim: the CPU demo, `python train.py` with its defaults (SiD2's sigmoid loss), scored.
 
 Symbols: N -> num_samples (images per arm, and real images), d -> res, w -> guidance, m -> KID subset size.
 
 Choices:
-- Defaults are CPU-sized, not paper-sized: the "small" U-Net, batch 32, lr 4e-3, 2000 steps (the CPU demo's
-  recipe), 64 sampler steps with guidance w = 1, N = 256. Every number is a flag; all arms share them.
+- Defaults are CPU-sized, not paper-sized: batch 32, lr 4e-3, 2000 steps (the CPU demo's recipe), 64
+  sampler steps without guidance (w = 0: the table scores the trained model itself, and guidance would
+  double the sampling time), N = 256, and the U-Net of SCENE_PRESETS at each resolution (unet.py: the
+  demo's "small" at 32 px; at 64 and 128 px the same x2 wavelet stem with one more, narrower level).
+  Every number is a flag; all arms share them.
 - "Training minutes here" is the wall time of train.py on this machine (start-up and its final 16-image
   grid included), summed over resumed parts; a shared machine inflates it.
 - Real reference scenes use REFERENCE_SEED = 2 (training uses scene seed 0, the shape classifier seed 1).
@@ -77,7 +81,11 @@ STUDIES = {
                        "sigmoid": dict(weighting="sigmoid", multiscale=False)}),
     "resolution": dict(res=None, fixed=dict(schedule="shifted", weighting="eps", multiscale=False),
                        arms={"32": dict(res=32), "64": dict(res=64), "128": dict(res=128)}),
+    "demo": dict(res=32, fixed={}, arms={"default": {}}),      # `python train.py` as it is, scored
 }
+# The CPU-scale U-Net per resolution: the demo's levels (48/96/128 channels) behind a wavelet stem whose
+# output fits the first level (3 f^2 <= 48 values per location); 128 px adds a 32 px level (unet.py).
+SCENE_PRESETS = {16: "tiny", 32: "small", 64: "small64", 128: "small128"}
 # Flags that may change between runs of one study without changing what a finished row means.
 RUNTIME_FIELDS = ("arms", "seeds", "out", "sample_batch", "fid_weights", "shape_cache")
 
@@ -88,13 +96,13 @@ class AblateConfig:
     arms: str = flag("", "arms to run (default: all of the study's)", nargs="*")
     seeds: str = flag("0", "training seeds; every arm is trained once per seed", nargs="+")
     steps: int = flag(2000, "training steps per arm")
-    preset: str = flag("small", "U-Net preset (unet.py PRESETS) of every arm")
+    preset: str = flag("", "U-Net preset (unet.py PRESETS) of every arm; '' = SCENE_PRESETS at the arm's res")
     batch_size: int = flag(32, "training batch")
     lr: float = flag(4e-3, "peak learning rate")
     num_scenes: int = flag(10000, "training scenes")
     num_samples: int = flag(256, "N: samples per arm, and real reference scenes (FID@N)")
     sample_steps: int = flag(64, "sampler steps")
-    guidance: float = flag(1.0, "classifier-free guidance weight w of the samples")
+    guidance: float = flag(0.0, "classifier-free guidance weight w of the samples (0 = none)")
     sample_batch: int = flag(32, "images per sampler batch (memory only: samples do not depend on it)")
     kid_subset_size: int = flag(1000, "KID subset size m (fewer images: all of them, with a note)")
     kid_subsets: int = flag(100, "KID subsets")
@@ -202,7 +210,8 @@ def reference(res: int, cfg: AblateConfig, net, out: Path) -> fid.FIDStats:
 def train_argv(study: str, arm: str, seed: int, cfg: AblateConfig, run_dir: Path) -> list[str]:
     """train.py's flags for one arm: every number explicit (so train.py's paper-scale preset rows for
     64 px and up do not apply), then the study's shared settings, then the arm's own."""
-    shared = dict(res=cfg.res or STUDIES[study]["res"], model="unet", preset=cfg.preset, steps=cfg.steps,
+    res = STUDIES[study]["arms"][arm].get("res") or cfg.res or STUDIES[study]["res"]
+    shared = dict(res=res, model="unet", preset=cfg.preset or SCENE_PRESETS.get(res, "small"), steps=cfg.steps,
                   batch_size=cfg.batch_size, lr=cfg.lr, warmup=min(100, cfg.steps), cooldown=1 / 3,
                   ema_decay=0.999, num_scenes=cfg.num_scenes, seed=seed, run_dir=str(run_dir), num_workers=0,
                   log_every=min(50, cfg.steps), ckpt_every=500, sample_every=0, sample_steps=cfg.sample_steps,

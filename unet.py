@@ -137,9 +137,8 @@ def inverse_dyadic_wavelet53(y: torch.Tensor, levels: int) -> torch.Tensor:
 
 
 class Stem(nn.Module):
-    """The parameter-free first layer and its inverse at the output: "patch" (space-to-depth by
-    `factor`), "wavelet" (log2(factor) dyadic levels of the 5/3 transform), or "none" (factor 1).
-    Bands/patches go onto channels: C -> C * factor^2."""
+    """The parameter-free first layer and its inverse at the output: "patch" (space-to-depth), "wavelet"
+    (log2(factor) dyadic 5/3 levels) or "none" (factor 1); bands/patches go onto channels: C -> C factor^2."""
 
     def __init__(self, kind: str, factor: int):
         super().__init__()
@@ -183,8 +182,7 @@ class Conditioning(nn.Module):
         return F.silu(emb)
 
 
-def check_inputs(model: nn.Module, z_t: torch.Tensor, logsnr: torch.Tensor,
-                 class_labels: torch.Tensor | None) -> torch.Tensor:
+def check_inputs(model: nn.Module, z_t: torch.Tensor, logsnr: torch.Tensor, class_labels: torch.Tensor | None):
     """Shape and label checks shared by UNet and UViT; returns logsnr as (B,). Skipped while
     torch.compile traces (the label range check would sync the device and break the graph)."""
     cfg, name = model.config, type(model).__name__
@@ -433,8 +431,8 @@ class UNet(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Presets (all ours). "tiny": tests; "small": the CPU demo. Paper-scale 128/256/512 share the conv levels
-# 128..8 px; only the stem differs: the paper's point, the wavelet stem makes 512 cost what 128 costs.
+# Presets (all ours). "tiny": tests; "small": the CPU demo; "small64"/"small128": scenes at 64/128 px (one more
+# level). Paper-scale 128/256/512 share the conv levels 128..8 px; only the stem differs: the paper's point.
 
 PRESETS: dict[str, UNetConfig] = {
     "tiny": UNetConfig(res=32, stem="patch", stem_factor=2, channels=(16, 32), num_blocks=(1, 1),
@@ -448,6 +446,8 @@ PRESETS: dict[str, UNetConfig] = {
                       num_blocks=(2, 2, 2, 8, 2), attn_resolutions=(16, 8), head_dim=128, emb_dim=1024,
                       dropout=0.1, dropout_resolutions=(16, 8), num_classes=1000),
 }
+PRESETS["small128"] = replace(PRESETS["small"], res=128, channels=(32, 64, 96, 128), num_blocks=(1, 1, 2, 1))
+PRESETS["small64"] = replace(PRESETS["small128"], res=64)
 PRESETS["256"] = replace(PRESETS["128"], res=256, stem="wavelet", stem_factor=2)
 PRESETS["512"] = replace(PRESETS["128"], res=512, stem="wavelet", stem_factor=4)
 
