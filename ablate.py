@@ -37,8 +37,9 @@ Choices:
 - Without --fid-weights the Inception is randomly initialised (seed 0): the pipeline runs, but the numbers
   are NOT FID (a loud warning, and a note in every results file). Only for tests and dry runs.
 - Resume: an arm lives in <out>/runs/<study>/<arm>-seed<k>; an arm whose metrics.json exists is skipped,
-  train.py resumes a half-trained one, results are rewritten after every arm, and a failed arm is recorded
-  as failed while the others go on (rerunning retries it). --arms and --seeds may change between runs
+  train.py resumes a half-trained one, its samples.npz is reused if scoring was cut short, results are
+  rewritten after every arm, and a failed arm is recorded as failed while the others go on (rerunning
+  retries it). --arms and --seeds may change between runs
   (rows accumulate); any other changed flag is refused, naming the fields, before anything is written.
 
 Run:  python ablate.py schedule --fid-weights pt_inception-2015-12-05-6726825d.pth
@@ -277,8 +278,12 @@ def run_arm(study, arm, seed, cfg, tools, out: Path) -> dict:
     """Train (or resume) one arm, sample it, score it and write its metrics.json; returns the row."""
     run_dir = out / "runs" / study / f"{arm}-seed{seed}"
     minutes = run_training(train_argv(study, arm, seed, cfg, run_dir), run_dir)
-    images = draw_samples(run_dir, cfg)             # raises Interrupted if training was stopped by a signal
-    data.write_atomic(run_dir / "samples.npz", lambda f: np.savez_compressed(f, images=images.numpy()))
+    saved = run_dir / "samples.npz"                 # drawn before, by the same flags (the folder's config)
+    if saved.exists():
+        images = torch.from_numpy(np.load(saved)["images"])
+    else:
+        images = draw_samples(run_dir, cfg)         # raises Interrupted if training was stopped by a signal
+        data.write_atomic(saved, lambda f: np.savez_compressed(f, images=images.numpy()))
     res = images.shape[-1]                          # the resolution study measures each arm at its own d
     if res not in tools["refs"]:
         tools["refs"][res] = reference(res, cfg, tools["net"], out)
@@ -309,10 +314,9 @@ def notes(cfg: AblateConfig, weights_id: str, rows: list[dict]) -> list[str]:
              f"steps, guidance w = {cfg.guidance}) against {n} real scenes (scene seed {REFERENCE_SEED}) at the "
              f"arm's resolution; Inception weights {weights_id}. FID at small N is biased upward: compare rows."]
     used = {r["kid_subset_size"] for r in rows if r["status"] == "done"}
-    if any(m < cfg.kid_subset_size for m in used):
-        lines.append(f"KID: N = {n} < --kid-subset-size {cfg.kid_subset_size}, so KID used subsets of "
-                     f"{', '.join(map(str, sorted(used)))}; a subset of every image is the whole set, so the std is 0 "
-                     f"there and is no error bar.")
+    if any(m >= n for m in used):
+        lines.append(f"KID: subsets of {', '.join(map(str, sorted(used)))} out of N = {n} images are the whole set, "
+                     f"so the std is 0 and no error bar (pass --kid-subset-size below N for one).")
     if weights_id == "random-init":
         lines.append("**WARNING: random Inception weights (no --fid-weights): these are NOT FID/KID values.**")
     if not cfg.shape_score:

@@ -33,7 +33,7 @@ def test_schedule_study_end_to_end_resume_and_refusals(tmp_path):
     table = [line for line in (out / "schedule.md").read_text().splitlines() if line.startswith("| ")]
     assert [line.split("|")[1].strip() for line in table[2:]] == ["cosine", "shifted"]   # one row per arm
     assert all(line.split("|")[7].strip() == "-" for line in table[2:])                  # no shape score
-    assert "KID used subsets of 4" in (out / "schedule.md").read_text()                   # N < subset size
+    assert "KID: subsets of 4 out of N = 4 images" in (out / "schedule.md").read_text()   # N < subset size
     rows = json.loads((out / "schedule.json").read_text())["rows"]
     assert [(r["arm"], r["status"], r["kid_subset_size"]) for r in rows] == [("cosine", "done", 4),
                                                                              ("shifted", "done", 4)]
