@@ -446,8 +446,8 @@ PRESETS: dict[str, UNetConfig] = {
                       num_blocks=(2, 2, 2, 8, 2), attn_resolutions=(16, 8), head_dim=128, emb_dim=1024,
                       dropout=0.1, dropout_resolutions=(16, 8), num_classes=1000),
 }
-PRESETS["small128"] = replace(PRESETS["small"], res=128, channels=(32, 64, 96, 128), num_blocks=(1, 1, 2, 1))
-PRESETS["small64"] = replace(PRESETS["small128"], res=64)
+PRESETS["small64"] = replace(PRESETS["small"], res=64, channels=(32, 64, 96, 128), num_blocks=(1, 1, 2, 1))
+PRESETS["small128"] = replace(PRESETS["small64"], res=128)
 PRESETS["256"] = replace(PRESETS["128"], res=256, stem="wavelet", stem_factor=2)
 PRESETS["512"] = replace(PRESETS["128"], res=512, stem="wavelet", stem_factor=4)
 
