@@ -39,14 +39,17 @@ Choices:
 - Resume: an arm lives in <out>/runs/<study>/<arm>-seed<k>; an arm whose metrics.json exists is skipped,
   train.py resumes a half-trained one, its samples.npz is reused if scoring was cut short, results are
   rewritten after every arm, and a failed arm is recorded as failed while the others go on (rerunning
-  retries it). --arms and --seeds may change between runs
-  (rows accumulate); any other changed flag is refused, naming the fields, before anything is written.
+  retries it); one ablate.py per study and folder (runs/<study>.lock). --arms and --seeds may change
+  between runs (rows accumulate); any other changed flag is refused, naming the fields, before anything
+  is written.
 
 Run:  python ablate.py schedule --fid-weights pt_inception-2015-12-05-6726825d.pth
 Test: pytest tests/test_ablate.py
 """
 import argparse
+import contextlib
 import json
+import os
 import signal
 import sys
 import time
@@ -367,6 +370,43 @@ def draw_rows(rows: list[dict], out: Path, study: str, label_w: int = 120) -> No
 # ----------------------------------------------------------------------------------------------------
 # The study: every arm x seed, with a progress bar
 
+@contextlib.contextmanager
+def study_lock(path: Path):
+    """One ablate.py per study and results folder: a second would train the same arm in the same folder
+    (each taking the other's half-written checkpoint for corrupt) and overwrite the other's rows. The
+    file holds the owner's pid; the lock of a process that no longer exists is taken over."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for attempt in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            break
+        except FileExistsError:
+            owner = int(path.read_text().strip() or 0)
+            if attempt == 0 and not process_exists(owner):
+                path.unlink(missing_ok=True)    # left by a killed run
+                continue
+            raise ValueError(f"another ablate.py (pid {owner}) is running this study in {path.parent.parent}; "
+                             f"wait for it, or stop it (it saves and resumes); else delete {path}") from None
+    os.write(fd, str(os.getpid()).encode())
+    os.close(fd)
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def process_exists(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)                         # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True                             # exists, owned by someone else
+    return True
+
+
 def run_study(study: str, cfg: AblateConfig) -> int:
     """Returns the exit code: 0 all arms done, 1 some failed, 130 interrupted."""
     arms, seeds = check(study, cfg)
@@ -375,6 +415,12 @@ def run_study(study: str, cfg: AblateConfig) -> int:
     stored = json.loads(stored_path.read_text()) if stored_path.exists() else None
     if stored is not None:   # refuse before anything is loaded, trained or written
         refuse_if_different(stored["config"], now, stored_path)
+    with study_lock(out / "runs" / f"{study}.lock"):
+        return run_arms(study, cfg, arms, seeds, now, stored)
+
+
+def run_arms(study: str, cfg: AblateConfig, arms: list, seeds: list, now: dict, stored: dict | None) -> int:
+    out, stored_path = Path(cfg.out), Path(cfg.out) / f"{study}.json"
     net = inception(cfg)
     if stored is not None and stored["inception"] != net.weights_id:
         raise ValueError(f"{stored_path} was made with Inception weights {stored['inception']}, now "

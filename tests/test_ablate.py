@@ -1,6 +1,7 @@
 """ablate.py end to end on a tiny configuration: two arms of the schedule study at 16 px, 2 training steps,
 4 samples, random Inception weights, no shape classifier. Checks the three results files, one table row per
-arm, that a rerun skips finished arms (their checkpoints untouched), and the bad-input exits (2)."""
+arm, that a rerun skips finished arms (their checkpoints untouched), the study lock (a dead owner's is taken
+over, a live owner's refuses), and the bad-input exits (2)."""
 import json
 import os
 import subprocess
@@ -25,9 +26,20 @@ def ablate(*args) -> subprocess.CompletedProcess:
 @pytest.mark.slow
 def test_schedule_study_end_to_end_resume_and_refusals(tmp_path):
     out = tmp_path / "results"
+    lock = out / "runs" / "schedule.lock"
+    lock.parent.mkdir(parents=True)
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    lock.write_text(gone.stdout.strip())                            # left by a process that has exited
     first = ablate("schedule", *TINY, "--out", str(out))
     assert first.returncode == 0, first.stderr[-2000:]
     assert "RANDOMLY initialised" in first.stderr                   # the loud warning
+    assert not lock.exists()                                        # taken over, released at the end
+
+    # A live owner (this test process) holds the lock: a second ablate.py refuses, touching nothing.
+    lock.write_text(str(os.getpid()))
+    busy = ablate("schedule", *TINY, "--out", str(out))
+    assert busy.returncode == 2 and f"another ablate.py (pid {os.getpid()})" in busy.stderr
+    lock.unlink()
     for ext in ("md", "json", "png"):
         assert (out / f"schedule.{ext}").is_file()
     table = [line for line in (out / "schedule.md").read_text().splitlines() if line.startswith("| ")]
