@@ -22,7 +22,8 @@ Symbols: theta -> model, theta_ema -> ema, G -> batch_size, p -> label_dropout, 
          f -> cooldown, t -> t, eps -> eps.
 
 Choices (the paper gives no optimiser settings; every number in TRAIN_PRESETS is ours):
-- AdamW with beta2 0.99 and no weight decay; gradient clipping at 1; label dropout 0.1 (classifier-free
+- AdamW with beta2 0.99 and no weight decay, fused (one kernel, which also skips a non-finite step on the
+  device, so the loop never waits for the GPU); gradient clipping at 1; label dropout 0.1 (classifier-free
   guidance needs the unconditional model too).
 - The EMA warm-up (1 + n) / (10 + n), so short runs already sample from a usable average.
 - The LR decays linearly over the last third of the CPU demo (a constant LR leaves noise in the weights
