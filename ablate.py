@@ -87,8 +87,8 @@ STUDIES = {
                        arms={"32": dict(res=32), "64": dict(res=64), "128": dict(res=128)}),
     "demo": dict(res=32, fixed={}, arms={"default": {}}),      # `python train.py` as it is, scored
 }
-# The CPU-scale U-Net per resolution: the demo's levels (48/96/128 channels) behind a wavelet stem whose
-# output fits the first level (3 f^2 <= 48 values per location); 128 px adds a 32 px level (unet.py).
+# The CPU-scale U-Net per resolution (unet.py): the demo's "small" at 32 px; at 64 and 128 px the same x2
+# wavelet stem with one more, narrower level (small64 / small128).
 SCENE_PRESETS = {16: "tiny", 32: "small", 64: "small64", 128: "small128"}
 # Flags that may change between runs of one study without changing what a finished row means.
 RUNTIME_FIELDS = ("arms", "seeds", "out", "sample_batch", "fid_weights", "shape_cache")

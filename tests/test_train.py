@@ -605,6 +605,11 @@ def full_batch_problem():
     return cfg, net, (x, None, t, eps), train.get_schedule("shifted", 16)
 
 
+def images(batch: tuple, lo: int, hi: int) -> tuple:
+    """Images lo..hi-1 of an (x, labels, t, eps) batch (labels may be None)."""
+    return tuple(None if v is None else v[lo:hi] for v in batch)
+
+
 def gradients(net, micro, schedule, cfg) -> list[torch.Tensor]:
     net.zero_grad()
     train.forward_backward(net, micro, schedule, cfg, contextlib.nullcontext())
@@ -616,7 +621,7 @@ def test_gradient_accumulation_equals_the_full_batch_gradient():
     same images, t and eps (the loss is a mean, so each half carries weight 1/2), to float rounding."""
     cfg, net, batch, schedule = full_batch_problem()
     full = gradients(net, [batch], schedule, cfg)
-    halves = [tuple(None if v is None else v[i:i + 4] for v in batch) for i in (0, 4)]
+    halves = [images(batch, i, i + 4) for i in (0, 4)]
     accumulated = gradients(net, halves, schedule, dataclasses.replace(cfg, grad_accum=2))
     for a, f in zip(accumulated, full):
         torch.testing.assert_close(a, f, rtol=1e-4, atol=1e-7)
@@ -626,10 +631,10 @@ DDP_HALF = """
 import os, sys, torch
 sys.path.insert(0, {repo!r}); sys.path.insert(0, {tests!r})
 import distributed
-from test_train import full_batch_problem, gradients
+from test_train import full_batch_problem, gradients, images
 rank, world, device = distributed.setup_distributed("cpu", timeout_minutes=5)
 cfg, net, batch, schedule = full_batch_problem()
-half = tuple(None if v is None else v[4 * rank:4 * rank + 4] for v in batch)    # this rank's 4 of the 8
+half = images(batch, 4 * rank, 4 * rank + 4)                      # this rank's 4 of the 8
 ddp = distributed.wrap_model(net, use_compile=False, device=device)
 torch.save(gradients(ddp, [half], schedule, cfg), os.path.join({out!r}, f"grad{{rank}}.pt"))
 """
@@ -647,7 +652,7 @@ def test_two_process_ddp_gradient_equals_the_full_batch_gradient(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     cfg, net, batch, schedule = full_batch_problem()
     full = gradients(net, [batch], schedule, cfg)
-    own_half = gradients(net, [tuple(None if v is None else v[:4] for v in batch)], schedule, cfg)
+    own_half = gradients(net, [images(batch, 0, 4)], schedule, cfg)
     assert not all(torch.allclose(h, f) for h, f in zip(own_half, full))    # the halves really differ
     for rank in (0, 1):
         for g, f in zip(load(tmp_path / f"grad{rank}.pt"), full):
