@@ -11,6 +11,13 @@ seeds 0..N-1 (the class asked for is seed % 3, so every arm is asked for the sam
     published FID-50k numbers.
   - KID (the unbiased cubic-kernel MMD^2, mean +- std over random subsets): unbiased at any N.
   - the shape score (scenes.py): how often a small CNN names the shape kind that was asked for.
+  - a denoising check that needs no sampler: the x_pred error of the EMA network on held-out scenes at a few
+    fixed log-SNRs, divided by that of the best LINEAR denoiser of the scenes (the Fourier Wiener filter of
+    a stationary Gaussian with the training scenes' mean and power spectrum,
+    x_hat = mean + F^-1[alpha P / (alpha^2 P + sigma^2) F(z_t - alpha mean)]). Below 1 the network knows
+    more than the images' spectrum; above 1 at low log-SNR it has not yet learnt the global structure that
+    the first sampler steps decide, whatever the schedule. Log-SNRs, not times t: arms with different
+    schedules are asked the same questions.
 
 Studies, and the claims they test:
   schedule    Sec. 3.1: the cosine logSNR schedule shifted by 2 log(64/d) beats the plain cosine schedule
@@ -21,7 +28,8 @@ Studies, and the claims they test:
               (FIDs at different resolutions are each against real scenes at that resolution).
   demo        no claim: the CPU demo, `python train.py` with its defaults (SiD2's sigmoid loss), scored.
 
-Symbols: N -> num_samples (images per arm, and real images), d -> res, w -> guidance, m -> KID subset size.
+Symbols: N -> num_samples (images per arm, and real images), d -> res, w -> guidance, m -> KID subset size,
+P -> power (the scenes' power spectrum), F -> torch.fft.fft2 (orthonormal).
 
 Choices:
 - Defaults are CPU-sized, not paper-sized: batch 32, lr 4e-3, 2000 steps (the CPU demo's recipe), 64
@@ -70,10 +78,13 @@ from data import flag
 from inception import InceptionV3, load_inception
 from sample import sample
 from scenes import KINDS, Scenes, shape_classifier, shape_score
-from schedules import Schedule
+from losses import diffuse, x_from_v
+from schedules import Schedule, alpha_sigma
 
 REFERENCE_SEED = 2        # scene seed of the real reference images (0: training data, 1: the shape classifier)
 ROW_IMAGES = 8            # images per arm in the PNG
+DENOISE_LOGSNRS = (2.0, -1.0, -4.0)   # the denoising check: fine detail, mid-size, global structure
+DENOISE_IMAGES = 64                   # held-out scenes it denoises (and 512 training scenes give the spectrum)
 # Per study: the default resolution, what all arms share, and what each arm sets (train.py flag values).
 STUDIES = {
     "schedule": dict(res=128, fixed=dict(weighting="eps", multiscale=False),
@@ -277,24 +288,61 @@ def score(images: torch.Tensor, ref: fid.FIDStats, net, classifier, cfg: AblateC
             "shape_score": shapes and shapes["score"], "shape_per_kind": shapes and shapes["per_kind"]}
 
 
+def fourier_wiener_x_pred(z_t: torch.Tensor, alpha, sigma, train_x: torch.Tensor) -> torch.Tensor:
+    """The best linear denoiser of a stationary image model: the MMSE x_pred of a Gaussian with train_x's
+    per-channel mean and power spectrum. In the orthonormal 2-D Fourier basis the covariance is diagonal
+    and white noise stays white, so each coefficient shrinks by alpha P / (alpha^2 P + sigma^2)."""
+    mean = train_x.double().mean(dim=(0, 2, 3), keepdim=True)                              # (1, C, 1, 1)
+    power = torch.fft.fft2(train_x.double() - mean, norm="ortho").abs().square().mean(0)   # (C, H, W)
+    a, s = torch.as_tensor(alpha).double(), torch.as_tensor(sigma).double()
+    z_hat = torch.fft.fft2(z_t.double() - a * mean, norm="ortho")                          # (B, C, H, W)
+    return (torch.fft.ifft2(a * power / (a * a * power + s * s) * z_hat, norm="ortho").real + mean).float()
+
+
+@torch.no_grad()
+def denoise_check(run_dir: Path) -> dict:
+    """{log-SNR: x_pred MSE of the EMA network / the Wiener filter's} on DENOISE_IMAGES held-out scenes
+    (REFERENCE_SEED), the same noise draws for both and for every arm."""
+    model, ckpt = load_model(run_dir, "ema")
+    res, class_cond = ckpt["config"]["res"], ckpt["config"]["class_cond"]
+    train_x = data.u8_to_x(Scenes(512, res, seed=0, cache=True).images.numpy())             # (512, 3, d, d)
+    held = Scenes(DENOISE_IMAGES, res, class_cond=True, seed=REFERENCE_SEED, cache=True)
+    x, labels = data.u8_to_x(held.images.numpy()), held.kinds if class_cond else None     # (n, 3, d, d)
+    eps = torch.randn(x.shape, generator=torch.Generator().manual_seed(0))
+    ratios = {}
+    for value in DENOISE_LOGSNRS:
+        logsnr, (alpha, sigma) = torch.full((len(x),), value), alpha_sigma(torch.tensor(value))
+        z_t, x_net = diffuse(x, logsnr, eps), torch.empty_like(x)
+        for i in range(0, len(x), 16):              # batches of 16: memory only
+            b = slice(i, i + 16)
+            x_net[b] = x_from_v(z_t[b], model(z_t[b], logsnr[b], None if labels is None else labels[b]), logsnr[b])
+        x_lin = fourier_wiener_x_pred(z_t, alpha, sigma, train_x)
+        ratios[str(value)] = ((x_net - x).square().mean() / (x_lin - x).square().mean()).item()
+    return ratios
+
+
 def run_arm(study, arm, seed, cfg, tools, out: Path) -> dict:
     """Train (or resume) one arm, sample it, score it and write its metrics.json; returns the row."""
     run_dir = out / "runs" / study / f"{arm}-seed{seed}"
     minutes = run_training(train_argv(study, arm, seed, cfg, run_dir), run_dir)
     saved = run_dir / "samples.npz"                 # drawn before, by the same flags (the folder's config)
-    if saved.exists():
-        images = torch.from_numpy(np.load(saved)["images"])
-    else:
+    if not saved.exists():
+        t0 = time.time()
         images = draw_samples(run_dir, cfg)         # raises Interrupted if training was stopped by a signal
-        data.write_atomic(saved, lambda f: np.savez_compressed(f, images=images.numpy()))
+        data.write_atomic(saved, lambda f: np.savez_compressed(f, images=images.numpy(),
+                                                               minutes=(time.time() - t0) / 60))
+    stored = np.load(saved)
+    images, sample_minutes = torch.from_numpy(stored["images"]), stored.get("minutes")
     res = images.shape[-1]                          # the resolution study measures each arm at its own d
     if res not in tools["refs"]:
         tools["refs"][res] = reference(res, cfg, tools["net"], out)
     if "classifier" not in tools:
         tools["classifier"] = shape_classifier(cfg.shape_cache or None, log=log) if cfg.shape_score else None
     row = {"arm": arm, "seed": seed, "status": "done", "steps": cfg.steps, "res": res,
-           "train_minutes": round(minutes, 2), **score(images, tools["refs"][res], tools["net"],
-                                                        tools["classifier"], cfg)}
+           "train_minutes": round(minutes, 2),
+           "sample_minutes": None if sample_minutes is None else round(float(sample_minutes), 4),
+           **score(images, tools["refs"][res], tools["net"], tools["classifier"], cfg),
+           "denoise": denoise_check(run_dir)}
     # Written last: its existence is what marks the arm finished (and it records the config it was made by).
     write_json(run_dir / "metrics.json", {**row, "config": compared(study, cfg)})
     return row
@@ -320,6 +368,9 @@ def notes(cfg: AblateConfig, weights_id: str, rows: list[dict]) -> list[str]:
     if any(m >= n for m in used):
         lines.append(f"KID: subsets of {', '.join(map(str, sorted(used)))} out of N = {n} images are the whole set, "
                      f"so the std is 0 and no error bar (pass --kid-subset-size below N for one).")
+    lines.append(f"Denoising check: the x_pred MSE of each arm's EMA network on {DENOISE_IMAGES} held-out scenes ÷ that of the "
+                 f"best linear denoiser (the Fourier Wiener filter of the training scenes), same noise; below 1 "
+                 f"the network beats every linear filter. Sampling minutes: drawing the N samples here.")
     if weights_id == "random-init":
         lines.append("**WARNING: random Inception weights (no --fid-weights): these are NOT FID/KID values.**")
     if not cfg.shape_score:
@@ -332,14 +383,18 @@ def write_results(study: str, cfg: AblateConfig, weights_id: str, rows: dict, ou
     ordered = [rows[k] for k in sorted(rows, key=lambda k: (list(STUDIES[study]["arms"]).index(rows[k]["arm"]),
                                                               rows[k]["seed"]))]
     n = cfg.num_samples
-    md = [f"# Ablation: {study}", "", f"| arm | train seed | steps | training minutes here | FID@{n} | "
-          f"KID ± std | shape score |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    snrs = " / ".join(f"{v:g}" for v in DENOISE_LOGSNRS)
+    md = [f"# Ablation: {study}", "", f"| arm | train seed | steps | training minutes here | sampling minutes here | "
+          f"FID@{n} | KID ± std | shape score | denoising x-MSE ÷ linear filter's, log-SNR {snrs} |",
+          "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in ordered:
         if r["status"] != "done":                   # the error's first words, in the minutes column
-            md.append(f"| {r['arm']} | {r['seed']} | {cfg.steps} | failed: {r['error'][:120]} | - | - | - |")
+            md.append(f"| {r['arm']} | {r['seed']} | {cfg.steps} | failed: {r['error'][:120]} | - | - | - | - | - |")
             continue
-        md.append(f"| {r['arm']} | {r['seed']} | {r['steps']} | {r['train_minutes']:.1f} | {r['fid']:.4g} | "
-                  f"{r['kid']:.3g} ± {r['kid_std']:.2g} | {fmt(r['shape_score'], '.3f')} |")
+        ratios = " / ".join(f"{v:.2f}" for v in r["denoise"].values()) if r.get("denoise") else "-"
+        md.append(f"| {r['arm']} | {r['seed']} | {r['steps']} | {r['train_minutes']:.1f} | "
+                  f"{fmt(r.get('sample_minutes'), '.1f')} | {r['fid']:.4g} | {r['kid']:.3g} ± {r['kid_std']:.2g} | "
+                  f"{fmt(r['shape_score'], '.3f')} | {ratios} |")
     md += [""] + [f"- {line}" for line in notes(cfg, weights_id, ordered)]
     data.write_atomic(out / f"{study}.md", lambda f: f.write(("\n".join(md) + "\n").encode()))
     write_json(out / f"{study}.json", {"study": study, "config": compared(study, cfg), "inception": weights_id,
@@ -435,7 +490,10 @@ def run_arms(study: str, cfg: AblateConfig, arms: list, seeds: list, now: dict, 
         bar.set_postfix_str(key)
         if (run_dir / "metrics.json").exists():     # finished earlier: no training, sampling or scoring
             done = json.loads((run_dir / "metrics.json").read_text())
-            refuse_if_different(done.pop("config"), now, run_dir / "metrics.json")
+            refuse_if_different(config := done.pop("config"), now, run_dir / "metrics.json")
+            if "denoise" not in done:               # scored before the denoising check existed: add it
+                done["denoise"] = denoise_check(run_dir)
+                write_json(run_dir / "metrics.json", {**done, "config": config})
             rows[key] = done
             log(f"{key}: finished earlier, skipped")
             continue

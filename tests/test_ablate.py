@@ -8,7 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--arms", "cosine", "shifted", "--res", "16", "--preset", "tiny", "--steps", "2", "--batch-size", "4",
@@ -44,11 +46,13 @@ def test_schedule_study_end_to_end_resume_and_refusals(tmp_path):
         assert (out / f"schedule.{ext}").is_file()
     table = [line for line in (out / "schedule.md").read_text().splitlines() if line.startswith("| ")]
     assert [line.split("|")[1].strip() for line in table[2:]] == ["cosine", "shifted"]   # one row per arm
-    assert all(line.split("|")[7].strip() == "-" for line in table[2:])                  # no shape score
+    assert all(line.split("|")[8].strip() == "-" for line in table[2:])                  # no shape score
     assert "KID: subsets of 4 out of N = 4 images" in (out / "schedule.md").read_text()   # N < subset size
     rows = json.loads((out / "schedule.json").read_text())["rows"]
     assert [(r["arm"], r["status"], r["kid_subset_size"]) for r in rows] == [("cosine", "done", 4),
                                                                              ("shifted", "done", 4)]
+    for r in rows:   # every arm has its sampling time and a positive ratio at each log-SNR of the check
+        assert r["sample_minutes"] > 0 and len(r["denoise"]) == 3 and all(v > 0 for v in r["denoise"].values())
 
     # Rerun: both arms are skipped; no checkpoint is rewritten.
     ckpts = sorted((out / "runs" / "schedule").glob("*/ckpt_*.pt"))
@@ -89,3 +93,25 @@ def test_arms_differ_only_in_the_studied_factor(study):
         assert c["preset"] == ablate.SCENE_PRESETS[c["res"]] and c["preset"] in ("small", "small64", "small128")
         assert {k for k in c if c[k] != configs[0][k]} <= factor | {"run_dir"}
     assert len({tuple(c[k] for k in sorted(factor)) for c in configs}) == len(configs)
+
+
+def test_wiener_filter_is_the_pixel_space_linear_mmse():
+    """The Fourier Wiener filter against the linear MMSE estimator written in pixel space from the data's
+    covariance matrix, x_hat = m + alpha C (alpha^2 C + sigma^2 I)^-1 (z_t - alpha m), per channel. The data
+    are all circular shifts of two random images: their covariance is exactly circulant (stationary), so the
+    two must agree to rounding; a filter that mixed frequencies or channels, or forgot the mean, would not."""
+    from ablate import fourier_wiener_x_pred
+    g = torch.Generator().manual_seed(0)
+    base = torch.rand(2, 3, 6, 6, generator=g) * torch.tensor([1.0, 2.0, 0.5])[:, None, None] + 0.3   # (2, 3, 6, 6)
+    train_x = torch.stack([b.roll((i, j), (1, 2)) for b in base for i in range(6) for j in range(6)])  # (72, 3, 6, 6)
+    z_t = torch.randn(4, 3, 6, 6, generator=g)
+    alpha, sigma = 0.6, 0.8
+    got = fourier_wiener_x_pred(z_t, alpha, sigma, train_x).double().numpy()
+    x, z = train_x.double().numpy(), z_t.double().numpy()
+    for c in range(3):
+        flat = x[:, c].reshape(len(x), -1)                                    # (72, 36) pixels of channel c
+        m = flat.mean()                                                       # the same at every pixel
+        cov = (flat - m).T @ (flat - m) / len(flat)                           # (36, 36)
+        gain = alpha * cov @ np.linalg.inv(alpha**2 * cov + sigma**2 * np.eye(36))
+        want = m + (z[:, c].reshape(len(z), -1) - alpha * m) @ gain.T        # (4, 36)
+        np.testing.assert_allclose(got[:, c].reshape(len(z), -1), want, atol=1e-5)

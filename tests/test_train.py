@@ -45,6 +45,7 @@ from PIL import Image
 
 import data
 import scenes
+from ablate import fourier_wiener_x_pred   # tested against the pixel-space LMMSE in test_ablate
 import checkpoint
 import train
 
@@ -423,17 +424,6 @@ def linear_denoiser_loss(t, res, weighting, bias, m2, c_fn) -> float:
     ac = np.sqrt(alpha2) * c_fn(alpha2)
     per_t = ac**2 + (1 - ac) ** 2 * alpha2 * m2 / (1 - alpha2)
     return float(np.mean(weight_np(t, res, weighting, bias) * per_t))
-
-
-def fourier_wiener_x_pred(z_t, alpha, sigma, train_x):
-    """The MMSE denoiser of a stationary Gaussian image model (per channel mean and power spectrum of
-    train_x): in the orthonormal 2-D Fourier basis white noise stays white, so each coefficient shrinks
-    by alpha P / (alpha^2 P + sigma^2)."""
-    mean = train_x.mean(dim=(0, 2, 3), keepdim=True).double()                       # (1, C, 1, 1)
-    power = torch.fft.fft2(train_x.double() - mean, norm="ortho").abs().square().mean(0)   # (C, H, W)
-    a, s = alpha.double(), sigma.double()
-    z_hat = torch.fft.fft2(z_t.double() - a * mean, norm="ortho")
-    return (torch.fft.ifft2(a * power / (a * a * power + s * s) * z_hat, norm="ortho").real + mean).float()
 
 
 @pytest.mark.slow
