@@ -50,6 +50,9 @@ Choices:
   retries it); one ablate.py per study and folder (runs/<study>.lock). --arms and --seeds may change
   between runs (rows accumulate); any other changed flag is refused, naming the fields, before anything
   is written.
+- An arm that another study in the same --out has already finished with identical training, sampling and
+  scoring (the loss study's eps arm is the schedule study's shifted arm) is copied, not retrained: its
+  row says which run it is.
 
 Run:  python ablate.py schedule --fid-weights pt_inception-2015-12-05-6726825d.pth
 Test: pytest tests/test_ablate.py
@@ -58,6 +61,7 @@ import argparse
 import contextlib
 import json
 import os
+import shutil
 import signal
 import sys
 import time
@@ -77,8 +81,8 @@ from checkpoint import load_model
 from data import flag
 from inception import InceptionV3, load_inception
 from sample import sample
-from scenes import KINDS, Scenes, shape_classifier, shape_score
 from losses import diffuse, x_from_v
+from scenes import KINDS, Scenes, shape_classifier, shape_score
 from schedules import Schedule, alpha_sigma
 
 REFERENCE_SEED = 2        # scene seed of the real reference images (0: training data, 1: the shape classifier)
@@ -348,6 +352,38 @@ def run_arm(study, arm, seed, cfg, tools, out: Path) -> dict:
     return row
 
 
+
+def trained_elsewhere(study: str, arm: str, seed: int, cfg: AblateConfig, out: Path) -> Path | None:
+    """The folder of a finished arm of another study that trained, sampled and scored exactly what this arm
+    would (the loss study's eps arm is the schedule study's shifted arm), else None."""
+    def plain(obj):                                 # through JSON, as the stored files are: tuples -> lists
+        return json.loads(json.dumps(obj))
+    train_cfg = plain(asdict(train.resolve_config(train_argv(study, arm, seed, cfg, Path(".")))))
+    scoring = {k: v for k, v in compared(study, cfg).items() if k not in ("study", "res")}
+    for metrics in sorted((out / "runs").glob("*/*/metrics.json")):
+        folder = metrics.parent
+        if folder.parent.name == study or not (folder / "config.json").exists():
+            continue
+        theirs = {k: v for k, v in json.loads(metrics.read_text())["config"].items() if k not in ("study", "res")}
+        their_train = json.loads((folder / "config.json").read_text())
+        if theirs == plain(scoring) and {**their_train, "run_dir": "."} == {**train_cfg, "run_dir": "."}:
+            return folder
+    return None
+
+
+def reuse_arm(source: Path, study: str, arm: str, seed: int, cfg: AblateConfig, out: Path) -> dict:
+    """This arm's row and folder (samples and metrics, no checkpoints) copied from an identical run."""
+    done = json.loads((source / "metrics.json").read_text())
+    done.pop("config")
+    if "denoise" not in done:                       # scored before the denoising check existed
+        done["denoise"] = denoise_check(source)
+    run_dir = out / "runs" / study / f"{arm}-seed{seed}"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(source / "samples.npz", run_dir / "samples.npz")
+    row = {**done, "arm": arm, "seed": seed, "reused_from": source.relative_to(out).as_posix()}
+    write_json(run_dir / "metrics.json", {**row, "config": compared(study, cfg)})
+    return row
+
 # ----------------------------------------------------------------------------------------------------
 # Results: <out>/<study>.md, .json and .png, rewritten after every arm
 
@@ -371,6 +407,10 @@ def notes(cfg: AblateConfig, weights_id: str, rows: list[dict]) -> list[str]:
     lines.append(f"Denoising check: the x_pred MSE of each arm's EMA network on {DENOISE_IMAGES} held-out scenes ÷ that of the "
                  f"best linear denoiser (the Fourier Wiener filter of the training scenes), same noise; below 1 "
                  f"the network beats every linear filter. Sampling minutes: drawing the N samples here.")
+    for r in rows:
+        if r.get("reused_from"):
+            lines.append(f"{r['arm']}, seed {r['seed']}: the same training, sampling and scoring as {r['reused_from']} "
+                         f"(another study's arm), so that run's row and samples were reused.")
     if weights_id == "random-init":
         lines.append("**WARNING: random Inception weights (no --fid-weights): these are NOT FID/KID values.**")
     if not cfg.shape_score:
@@ -496,6 +536,12 @@ def run_arms(study: str, cfg: AblateConfig, arms: list, seeds: list, now: dict, 
                 write_json(run_dir / "metrics.json", {**done, "config": config})
             rows[key] = done
             log(f"{key}: finished earlier, skipped")
+            continue
+        source = trained_elsewhere(study, arm, seed, cfg, out)
+        if source is not None:                      # identical training and scoring: a copy, not a rerun
+            rows[key] = reuse_arm(source, study, arm, seed, cfg, out)
+            log(f"{key}: the same run as {source}, reused")
+            write_results(study, cfg, net.weights_id, rows, out)
             continue
         try:
             rows[key] = run_arm(study, arm, seed, cfg, tools, out)

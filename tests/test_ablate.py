@@ -4,6 +4,7 @@ arm, that a rerun skips finished arms (their checkpoints untouched), the study l
 over, a live owner's refuses), and the bad-input exits (2)."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -62,6 +63,23 @@ def test_schedule_study_end_to_end_resume_and_refusals(tmp_path):
     assert again.returncode == 0, again.stderr[-2000:]
     assert again.stderr.count("finished earlier, skipped") == 2
     assert [p.stat().st_mtime_ns for p in ckpts] == stamps
+
+    # The loss study's eps arm is the schedule study's shifted arm: copied (no checkpoint), with its scores.
+    # Its multiscale arm differs in one training flag, so it trains.
+    loss = ablate("loss", "--arms", "eps", "multiscale", *TINY[3:], "--out", str(out))
+    assert loss.returncode == 0, loss.stderr[-2000:]
+    assert loss.stderr.count(", reused") == 1
+    assert not list((out / "runs" / "loss" / "eps-seed0").glob("ckpt_*.pt"))
+    assert len(list((out / "runs" / "loss" / "multiscale-seed0").glob("ckpt_*.pt"))) == 1
+    eps, multiscale = json.loads((out / "loss.json").read_text())["rows"]
+    assert (eps["reused_from"], eps["fid"], eps["kid"]) == ("runs/schedule/shifted-seed0", rows[1]["fid"], rows[1]["kid"])
+    assert "reused_from" not in multiscale
+    # Sampled differently (--sample-steps 3): not the same run, so the eps arm trains.
+    other = tmp_path / "other-sampler"
+    shutil.copytree(out / "runs" / "schedule", other / "runs" / "schedule")
+    steps3 = ablate("loss", "--arms", "eps", *TINY[3:-3], "--sample-steps", "3", "--no-shape-score", "--out", str(other))
+    assert steps3.returncode == 0 and "reused" not in steps3.stderr, steps3.stderr[-2000:]
+    assert len(list((other / "runs" / "loss" / "eps-seed0").glob("ckpt_*.pt"))) == 1
 
     # Bad inputs: one error line, exit 2, nothing overwritten.
     before = (out / "schedule.json").read_bytes()
