@@ -80,8 +80,8 @@ import train
 from checkpoint import load_model
 from data import flag
 from inception import InceptionV3, load_inception
-from sample import sample
 from losses import diffuse, x_from_v
+from sample import sample
 from scenes import KINDS, Scenes, shape_classifier, shape_score
 from schedules import Schedule, alpha_sigma
 
@@ -352,6 +352,18 @@ def run_arm(study, arm, seed, cfg, tools, out: Path) -> dict:
     return row
 
 
+def finished_row(run_dir: Path, now: dict | None) -> dict:
+    """The row of a finished arm's metrics.json, refused if its config is not `now` (None: not checked);
+    a row scored before the denoising check existed gets it now."""
+    done = json.loads((run_dir / "metrics.json").read_text())
+    config = done.pop("config")
+    if now is not None:
+        refuse_if_different(config, now, run_dir / "metrics.json")
+    if "denoise" not in done:
+        done["denoise"] = denoise_check(run_dir)
+        write_json(run_dir / "metrics.json", {**done, "config": config})
+    return done
+
 
 def trained_elsewhere(study: str, arm: str, seed: int, cfg: AblateConfig, out: Path) -> Path | None:
     """The folder of a finished arm of another study that trained, sampled and scored exactly what this arm
@@ -373,16 +385,14 @@ def trained_elsewhere(study: str, arm: str, seed: int, cfg: AblateConfig, out: P
 
 def reuse_arm(source: Path, study: str, arm: str, seed: int, cfg: AblateConfig, out: Path) -> dict:
     """This arm's row and folder (samples and metrics, no checkpoints) copied from an identical run."""
-    done = json.loads((source / "metrics.json").read_text())
-    done.pop("config")
-    if "denoise" not in done:                       # scored before the denoising check existed
-        done["denoise"] = denoise_check(source)
+    done = finished_row(source, None)               # another study's config: not compared
     run_dir = out / "runs" / study / f"{arm}-seed{seed}"
     run_dir.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(source / "samples.npz", run_dir / "samples.npz")
     row = {**done, "arm": arm, "seed": seed, "reused_from": source.relative_to(out).as_posix()}
     write_json(run_dir / "metrics.json", {**row, "config": compared(study, cfg)})
     return row
+
 
 # ----------------------------------------------------------------------------------------------------
 # Results: <out>/<study>.md, .json and .png, rewritten after every arm
@@ -529,12 +539,7 @@ def run_arms(study: str, cfg: AblateConfig, arms: list, seeds: list, now: dict, 
         key, run_dir = f"{arm}-seed{seed}", out / "runs" / study / f"{arm}-seed{seed}"
         bar.set_postfix_str(key)
         if (run_dir / "metrics.json").exists():     # finished earlier: no training, sampling or scoring
-            done = json.loads((run_dir / "metrics.json").read_text())
-            refuse_if_different(config := done.pop("config"), now, run_dir / "metrics.json")
-            if "denoise" not in done:               # scored before the denoising check existed: add it
-                done["denoise"] = denoise_check(run_dir)
-                write_json(run_dir / "metrics.json", {**done, "config": config})
-            rows[key] = done
+            rows[key] = finished_row(run_dir, now)
             log(f"{key}: finished earlier, skipped")
             continue
         source = trained_elsewhere(study, arm, seed, cfg, out)

@@ -55,7 +55,11 @@ def test_schedule_study_end_to_end_resume_and_refusals(tmp_path):
     for r in rows:   # every arm has its sampling time and a positive ratio at each log-SNR of the check
         assert r["sample_minutes"] > 0 and len(r["denoise"]) == 3 and all(v > 0 for v in r["denoise"].values())
 
-    # Rerun: both arms are skipped; no checkpoint is rewritten.
+    # Rerun: both arms are skipped; no checkpoint is rewritten. A row scored before the denoising check
+    # existed (its "denoise" removed here) gets the same numbers added.
+    cosine_metrics = out / "runs" / "schedule" / "cosine-seed0" / "metrics.json"
+    scored = json.loads(cosine_metrics.read_text())
+    cosine_metrics.write_text(json.dumps({k: v for k, v in scored.items() if k != "denoise"}))
     ckpts = sorted((out / "runs" / "schedule").glob("*/ckpt_*.pt"))
     assert len(ckpts) == 2
     stamps = [p.stat().st_mtime_ns for p in ckpts]
@@ -63,6 +67,7 @@ def test_schedule_study_end_to_end_resume_and_refusals(tmp_path):
     assert again.returncode == 0, again.stderr[-2000:]
     assert again.stderr.count("finished earlier, skipped") == 2
     assert [p.stat().st_mtime_ns for p in ckpts] == stamps
+    assert json.loads(cosine_metrics.read_text())["denoise"] == pytest.approx(scored["denoise"], rel=1e-6)
 
     # The loss study's eps arm is the schedule study's shifted arm: copied (no checkpoint), with its scores.
     # Its multiscale arm differs in one training flag, so it trains.
