@@ -371,14 +371,14 @@ def trained_elsewhere(study: str, arm: str, seed: int, cfg: AblateConfig, out: P
     def plain(obj):                                 # through JSON, as the stored files are: tuples -> lists
         return json.loads(json.dumps(obj))
     train_cfg = plain(asdict(train.resolve_config(train_argv(study, arm, seed, cfg, Path(".")))))
-    scoring = {k: v for k, v in compared(study, cfg).items() if k not in ("study", "res")}
+    scoring = plain({k: v for k, v in compared(study, cfg).items() if k not in ("study", "res")})
     for metrics in sorted((out / "runs").glob("*/*/metrics.json")):
         folder = metrics.parent
         if folder.parent.name == study or not (folder / "config.json").exists():
             continue
         theirs = {k: v for k, v in json.loads(metrics.read_text())["config"].items() if k not in ("study", "res")}
         their_train = json.loads((folder / "config.json").read_text())
-        if theirs == plain(scoring) and {**their_train, "run_dir": "."} == {**train_cfg, "run_dir": "."}:
+        if theirs == scoring and {**their_train, "run_dir": "."} == {**train_cfg, "run_dir": "."}:
             return folder
     return None
 
