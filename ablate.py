@@ -24,6 +24,8 @@ Studies, and the claims they test:
               at high resolution; the interpolated schedule (Eq. 6) as the third arm. Loss: eps (the paper's).
   loss        Sec. 3.2: the multiscale loss vs the plain eps loss; SiD2's sigmoid weighting as the third
               arm. Schedule: shifted.
+  schedule-sigmoid  the schedule study under SiD2's sigmoid weighting: does the schedule matter once the
+              loss makes the network learn the low-SNR levels? (Its shifted arm is the loss study's sigmoid.)
   resolution  Sec. 3.1's premise: with the shifted schedule the same recipe works at 32, 64 and 128 px
               (FIDs at different resolutions are each against real scenes at that resolution).
   demo        no claim: the CPU demo, `python train.py` with its defaults (SiD2's sigmoid loss), scored.
@@ -89,15 +91,15 @@ REFERENCE_SEED = 2        # scene seed of the real reference images (0: training
 ROW_IMAGES = 8            # images per arm in the PNG
 DENOISE_LOGSNRS = (2.0, -1.0, -4.0)   # the denoising check: fine detail, mid-size, global structure
 DENOISE_IMAGES = 64                   # held-out scenes it denoises (and 512 training scenes give the spectrum)
+SCHEDULE_ARMS = {name: dict(schedule=name) for name in ("cosine", "shifted", "interpolated")}
 # Per study: the default resolution, what all arms share, and what each arm sets (train.py flag values).
 STUDIES = {
-    "schedule": dict(res=128, fixed=dict(weighting="eps", multiscale=False),
-                     arms={"cosine": dict(schedule="cosine"), "shifted": dict(schedule="shifted"),
-                           "interpolated": dict(schedule="interpolated")}),
+    "schedule": dict(res=128, fixed=dict(weighting="eps", multiscale=False), arms=SCHEDULE_ARMS),
     "loss": dict(res=128, fixed=dict(schedule="shifted"),
                  arms={"eps": dict(weighting="eps", multiscale=False),
                        "multiscale": dict(weighting="eps", multiscale=True),
                        "sigmoid": dict(weighting="sigmoid", multiscale=False)}),
+    "schedule-sigmoid": dict(res=128, fixed=dict(weighting="sigmoid", multiscale=False), arms=SCHEDULE_ARMS),
     "resolution": dict(res=None, fixed=dict(schedule="shifted", weighting="eps", multiscale=False),
                        arms={"32": dict(res=32), "64": dict(res=64), "128": dict(res=128)}),
     "demo": dict(res=32, fixed={}, arms={"default": {}}),      # `python train.py` as it is, scored

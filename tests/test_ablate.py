@@ -99,7 +99,7 @@ def test_schedule_study_end_to_end_resume_and_refusals(tmp_path):
     assert not (tmp_path / "other").exists()
 
 
-@pytest.mark.parametrize("study", ["schedule", "loss", "resolution"])
+@pytest.mark.parametrize("study", ["schedule", "loss", "resolution", "schedule-sigmoid"])
 def test_arms_differ_only_in_the_studied_factor(study):
     """train.py's resolved configs of a study's arms agree on every field but the factor and the run folder,
     and none of them falls back on train.py's paper-scale preset rows (batch 512, 500k steps)."""
@@ -116,6 +116,23 @@ def test_arms_differ_only_in_the_studied_factor(study):
         assert c["preset"] == ablate.SCENE_PRESETS[c["res"]] and c["preset"] in ("small", "small64", "small128")
         assert {k for k in c if c[k] != configs[0][k]} <= factor | {"run_dir"}
     assert len({tuple(c[k] for k in sorted(factor)) for c in configs}) == len(configs)
+
+
+def test_arms_shared_between_studies_train_the_same():
+    """The arms ablate.py reuses across studies are the same train.py run: the schedule study's shifted is the
+    loss study's eps and the resolution study's 128, the loss study's sigmoid the schedule-sigmoid study's
+    shifted; no other arms are."""
+    import dataclasses
+    import ablate
+    import train
+    runs = {}
+    for study, spec in ablate.STUDIES.items():
+        _, cfg = ablate.parse([study])
+        for arm in spec["arms"]:
+            c = dataclasses.asdict(train.resolve_config(ablate.train_argv(study, arm, 0, cfg, Path("."))))
+            runs.setdefault(json.dumps(c, sort_keys=True), []).append(f"{study}/{arm}")
+    shared = sorted(sorted(v) for v in runs.values() if len(v) > 1)
+    assert shared == [["loss/eps", "resolution/128", "schedule/shifted"], ["loss/sigmoid", "schedule-sigmoid/shifted"]]
 
 
 def test_wiener_filter_is_the_pixel_space_linear_mmse():
