@@ -91,7 +91,7 @@ REFERENCE_SEED = 2        # scene seed of the real reference images (0: training
 ROW_IMAGES = 8            # images per arm in the PNG
 DENOISE_LOGSNRS = (2.0, -1.0, -4.0)   # the denoising check: fine detail, mid-size, global structure
 DENOISE_IMAGES = 64                   # held-out scenes it denoises (and 512 training scenes give the spectrum)
-SCHEDULE_ARMS = {name: dict(schedule=name) for name in ("cosine", "shifted", "interpolated")}
+SCHEDULE_ARMS = {name: dict(schedule=name) for name in ("cosine", "shifted", "interpolated")}  # both schedule studies
 # Per study: the default resolution, what all arms share, and what each arm sets (train.py flag values).
 STUDIES = {
     "schedule": dict(res=128, fixed=dict(weighting="eps", multiscale=False), arms=SCHEDULE_ARMS),
