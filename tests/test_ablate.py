@@ -99,18 +99,23 @@ def test_schedule_study_end_to_end_resume_and_refusals(tmp_path):
     assert not (tmp_path / "other").exists()
 
 
+def arm_train_config(study: str, arm: str, run_dir: Path) -> dict:
+    """train.py's resolved config (as a dict) of one arm, seed 0, with ablate.py's default flags."""
+    import dataclasses
+    import ablate
+    import train
+    _, cfg = ablate.parse([study])
+    return dataclasses.asdict(train.resolve_config(ablate.train_argv(study, arm, 0, cfg, run_dir)))
+
+
 @pytest.mark.parametrize("study", ["schedule", "loss", "resolution", "schedule-sigmoid"])
 def test_arms_differ_only_in_the_studied_factor(study):
     """train.py's resolved configs of a study's arms agree on every field but the factor and the run folder,
     and none of them falls back on train.py's paper-scale preset rows (batch 512, 500k steps)."""
-    import dataclasses
     import ablate
-    import train
-    name, cfg = ablate.parse([study])
     factor = {k for arm in ablate.STUDIES[study]["arms"].values() for k in arm} | {"sigmoid_bias"}
     factor |= {"preset"} if "res" in factor else set()         # the resolution study: each res its own preset
-    configs = [dataclasses.asdict(train.resolve_config(ablate.train_argv(name, arm, 0, cfg, Path(arm))))
-               for arm in ablate.STUDIES[study]["arms"]]
+    configs = [arm_train_config(study, arm, Path(arm)) for arm in ablate.STUDIES[study]["arms"]]
     for c in configs:
         assert (c["batch_size"], c["steps"], c["seed"]) == (32, 2000, 0)
         assert c["preset"] == ablate.SCENE_PRESETS[c["res"]] and c["preset"] in ("small", "small64", "small128")
@@ -122,15 +127,12 @@ def test_arms_shared_between_studies_train_the_same():
     """The arms ablate.py reuses across studies are the same train.py run: the schedule study's shifted is the
     loss study's eps and the resolution study's 128, the loss study's sigmoid the schedule-sigmoid study's
     shifted; no other arms are."""
-    import dataclasses
     import ablate
-    import train
     runs = {}
     for study, spec in ablate.STUDIES.items():
-        _, cfg = ablate.parse([study])
         for arm in spec["arms"]:
-            c = dataclasses.asdict(train.resolve_config(ablate.train_argv(study, arm, 0, cfg, Path("."))))
-            runs.setdefault(json.dumps(c, sort_keys=True), []).append(f"{study}/{arm}")
+            c = json.dumps(arm_train_config(study, arm, Path(".")), sort_keys=True)
+            runs.setdefault(c, []).append(f"{study}/{arm}")
     shared = sorted(sorted(v) for v in runs.values() if len(v) > 1)
     assert shared == [["loss/eps", "resolution/128", "schedule/shifted"], ["loss/sigmoid", "schedule-sigmoid/shifted"]]
 
