@@ -344,10 +344,10 @@ def test_cli_out_dir_resume_and_bad_inputs(tmp_path, capsys):
         assert "unconditional" in capsys.readouterr().err
 
 
-def test_cli_samples_with_the_checkpoints_schedule(tmp_path, monkeypatch):
+def test_cli_samples_with_the_checkpoints_schedule(tmp_path, monkeypatch, capsys):
     """The CLI must hand the sampler the schedule stored in the checkpoint: here a cosine one at 8 px, whose
     logsnr is written out below (Eq. 4, clipped to +-15); the default shifted schedule would differ by
-    2 log(64/8)."""
+    2 log(64/8). --schedule replaces it; an unknown name is one error line naming the choices."""
     import checkpoint
     write_checkpoint(tmp_path / "run", 1)
     path = tmp_path / "run" / "ckpt_00000001.pt"
@@ -363,3 +363,10 @@ def test_cli_samples_with_the_checkpoints_schedule(tmp_path, monkeypatch):
     lo, hi = math.atan(math.exp(-7.5)), math.atan(math.exp(7.5))
     expected = -2 * torch.log(torch.tan(lo + t * (hi - lo)))
     torch.testing.assert_close(seen[0](t), expected)
+    # --schedule overrides it: the same t grid through the shifted schedule, Eq. 5 = Eq. 4 + 2 log(64/8).
+    assert S.main(["--ckpt", str(tmp_path / "run"), "--num-images", "2", "--steps", "2", "--schedule", "shifted",
+                   "--out", str(tmp_path / "g.png")]) == 0
+    torch.testing.assert_close(seen[1](t), expected + 2 * math.log(64 / 8))
+    capsys.readouterr()
+    assert S.main(["--ckpt", str(tmp_path / "run"), "--steps", "2", "--schedule", "linear"]) == 2
+    assert "cosine, shifted, interpolated" in capsys.readouterr().err and len(seen) == 2
