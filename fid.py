@@ -38,6 +38,7 @@ Test: pytest tests/test_fid.py   (random Inception weights; the real file is not
 """
 import argparse
 import json
+import os
 import sys
 import warnings
 import zipfile
@@ -349,7 +350,8 @@ def compute_stats_from_tensors(images, model, device=None, batch_size=50, progre
 class FIDConfig:
     batch_size: int = flag(50, "images per Inception forward")
     device: str = flag("auto", "cpu, cuda, cuda:1, ... (auto: cuda if available)")
-    num_workers: int = flag(4, "data-loading processes for image folders")
+    num_workers: int = flag(min(4, os.cpu_count() or 1), "data-loading processes for image folders "
+                                                           "(4, or the number of CPU cores if fewer)")
     weights: str = flag("", f"Inception weights file; empty: torch.hub's cache, downloading "
                             f"{FID_WEIGHTS_NAME} there once (offline: the path of a copy)")
     save_stats: bool = flag(False, "write the statistics of PATH1 (a folder) to PATH2 (.npz) instead of "
